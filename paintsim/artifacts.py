@@ -182,3 +182,24 @@ def load_neighbors(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"{path} is not a neighbour table (expected a 1-D structured array with "
                          f"fields {NEIGHBOR_FIELDS}, got dtype {table.dtype})")
     return table
+
+
+def read_manifest(path: str | os.PathLike[str]):
+    """Read ``manifest.csv`` as strings (no NaN guessing), checking its columns."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run download_images.py first")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def write_manifest(path: str | os.PathLike[str], df) -> None:
+    """Write ``manifest.csv`` atomically with the contract's column order first."""
+    cols = MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.reindex(columns=cols).to_csv(tmp, index=False)
