@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Stage 7: show a painting beside its most similar paintings (a PNG under <data-dir>/figures/).
+
+The query is a painting of the collection (--query: a row index, an image file name, an image
+uuid or an NGA objectid; prefix row:, file:, uuid: or objectid: to be explicit), a seeded random
+painting (--random --seed S), or an image from outside the collection (--image PATH_OR_URL), which
+is embedded with the backbone, weights and preprocessing recorded in features_meta.json.
+Neighbours come from the neighbour table (top_<k>_similar.npy) when present, else from an exact
+search of features.npy. Each neighbour is captioned with title, artist, date and score.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, resolve_device, run_main
+
+log = logging.getLogger("paintsim.display")
+
+
+def build_parser():
+    p = make_parser(__doc__.split("\n\n")[0], prog="display_similar.py")
+    p.description = __doc__
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query", help="a painting of the collection: row index, image file name, uuid or "
+                                   "NGA objectid (or row:/file:/uuid:/objectid: followed by one)")
+    q.add_argument("--random", action="store_true", help="a random painting of the collection (see --seed)")
+    q.add_argument("--image", metavar="PATH_OR_URL",
+                   help="an image from outside the collection: a local file or an http(s) URL")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --random")
+    add_k_arg(p, default=10)
+    add_device_arg(p)
+    p.add_argument("--weights", default=None,
+                   help="--image only: local state dict to load instead of the weights named in "
+                        "features_meta.json (for machines without the torchvision cache)")
+    p.add_argument("--columns", type=int, default=6, help="paintings per row of the figure")
+    p.add_argument("--thumb-size", type=int, default=200, help="pixels per painting in the figure")
+    p.add_argument("--output", default=None,
+                   help="PNG to write (default: <data-dir>/figures/similar_<query>.png)")
+    p.add_argument("--show", action="store_true", help="also open the figure in a window")
+    return p
+
+
+def caption(info: dict, score: float | None = None, prefix: str = "") -> str:
+    title = info.get("title") or info.get("name", "")
+    parts = [f"{prefix}{title}", info.get("attribution") or "unknown artist"]
+    if info.get("displaydate"):
+        parts.append(info["displaydate"])
+    if score is not None:
+        parts.append(f"score {score:.3f}")
+    return "\n".join(parts)
+
+
+def main(args) -> int:
+    from paintsim import figures, query
+    from paintsim.images import ImageDecodeError, load_rgb
+
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be at least 1")
+    coll = query.Collection.open(args.data_dir)
+    device = resolve_device(args.device)
+    if args.image:
+        img = query.load_outside_image(args.image)
+        vec = query.embed_outside_image(coll, img, device=device, weights=args.weights)
+        rows, scores = query.search_outside(coll, vec, args.k, device=device)
+        source = args.image
+        stem = args.image.rstrip("/").rsplit("/", 1)[-1]
+        tag = "image_" + query.safe_tag(Path(stem).stem or "url")
+        query_img, query_cap = img, f"QUERY (outside image)\n{query.safe_tag(stem, 40)}"
+        where = "searched features.npy"
+        if scores.size and scores[0] > 0.995:
+            log.info("the outside image is (almost) identical to row %d (%s) of the collection",
+                     rows[0], coll.names[rows[0]])
+    else:
+        row = query.random_query(coll, args.seed) if args.random else query.resolve_query(args.query, coll)
+        rows, scores, where = query.neighbors_of_row(coll, row, args.k, device=device)
+        info = coll.info(row)
+        source = f"row {row} ({info['name']})"
+        tag = f"row{row}_{query.safe_tag(Path(info['name']).stem)}"
+        try:
+            query_img = load_rgb(coll.image_path(row))
+        except ImageDecodeError as exc:
+            log.warning("query image unreadable: %s", exc)
+            query_img = None
+        query_cap = caption(info, prefix="QUERY: ")
+    images, caps = [], []
+    for r, s in zip(rows, scores):
+        images.append(coll.image_path(int(r)))
+        caps.append(caption(coll.info(int(r)), float(s)))
+    out = Path(args.output) if args.output else coll.paths.figures_dir / f"similar_{tag}.png"
+    title = f"{len(rows)} nearest paintings to {source}"
+    figures.neighbor_grid(query_img, query_cap, images, caps, out, columns=args.columns,
+                          thumb_size=args.thumb_size, title=title, show=args.show)
+    print(f"query: {source}")
+    for rank, (r, s) in enumerate(zip(rows, scores), 1):
+        i = coll.info(int(r))
+        print(f"  {rank:2d}. {s:.3f}  {i['title'] or i['name']} - {i['attribution'] or '?'}"
+              f"{' (' + i['displaydate'] + ')' if i['displaydate'] else ''}  [row {int(r)}, {i['name']}]")
+    print(f"neighbours from {where}; figure: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))

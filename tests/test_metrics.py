@@ -1,0 +1,143 @@
+"""Hand-computed cases for every number of the evaluation report (paintsim.metrics, paintsim.evaluate)."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from paintsim import evaluate, metrics
+
+
+def test_precision_recall_ap_match_hand_computed_ranking():
+    # ranks:       1  2  3  4     R = 3 relevant items in the collection
+    rel = np.array([[1, 0, 1, 0]], dtype=bool)
+    r = np.array([3])
+    assert metrics.precision_at_k(rel, 1)[0] == 1.0
+    assert metrics.precision_at_k(rel, 2)[0] == 0.5
+    assert metrics.precision_at_k(rel, 4)[0] == 0.5
+    assert metrics.recall_at_k(rel, r, 1)[0] == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(rel, r, 4)[0] == pytest.approx(2 / 3)
+    # AP@4 = (P@1 + P@3) / min(R, 4) = (1 + 2/3) / 3
+    assert metrics.average_precision_at_k(rel, r, 4)[0] == pytest.approx((1 + 2 / 3) / 3)
+    # AP@2 = P@1 / min(3, 2) = 1/2
+    assert metrics.average_precision_at_k(rel, r, 2)[0] == pytest.approx(0.5)
+
+
+def test_ap_is_one_when_the_first_min_r_k_results_are_relevant():
+    rel = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=bool)
+    r = np.array([2, 9])
+    np.testing.assert_allclose(metrics.average_precision_at_k(rel, r, 5), [1.0, 1.0])
+    # one relevant item found at rank 2 of 3: AP@3 = (1/2) / 1
+    assert metrics.average_precision_at_k(np.array([[0, 1, 0]], bool), np.array([1]), 3)[0] == 0.5
+
+
+def test_mean_over_queries_and_unknown_labels_never_match():
+    labels = np.array([[0, 1, -1], [-1, -1, 2]])
+    query = np.array([0, -1])
+    rel = metrics.relevance_matrix(labels, query)
+    assert rel.tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_recall_and_ap_refuse_queries_without_relevant_items():
+    with pytest.raises(ValueError, match="no relevant"):
+        metrics.recall_at_k(np.ones((1, 2), bool), np.array([0]), 1)
+    with pytest.raises(ValueError, match="k=3"):
+        metrics.precision_at_k(np.ones((1, 2), bool), 3)
+
+
+def test_f1_hand_computed_and_zero_when_nothing_found():
+    np.testing.assert_allclose(metrics.f1_score([1.0, 0.5, 0.0], [0.2, 0.5, 0.0]),
+                               [2 * 0.2 / 1.2, 0.5, 0.0])
+
+
+def test_retrieval_section_counts_only_queries_with_another_member():
+    # rows 0,1 artist A; 2,3,4 artist B; 5 alone; 6 unknown
+    codes = np.array([0, 0, 1, 1, 1, 2, -1])
+    index = np.array([[1, 2], [2, 0], [3, 4], [0, 1], [2, 3], [0, 1], [0, 1]])
+    out = evaluate.retrieval_section(index, codes, ["A", "B", "C"], ks=(1, 2))
+    assert out["n_queries"] == 5
+    # precision@1: rows 0,1,2,3,4 -> 1,0,1,0,1
+    assert out["precision@1"] == pytest.approx(3 / 5)
+    # recall@2 (R = 1,1,2,2,2): hits 1,1,2,0,2 -> 1,1,1,0,1
+    assert out["recall@2"] == pytest.approx(4 / 5)
+    # AP@2: row0 1; row1 (0+1/2)/1 = .5; row2 1; row3 0; row4 1
+    assert out["mAP@2"] == pytest.approx(3.5 / 5)
+    # random ranking: R/(N-1) averaged = (1+1+2+2+2)/6/5
+    assert out["random_precision"] == pytest.approx(8 / 6 / 5)
+
+
+def test_intra_and_inter_hand_computed():
+    # two tight pairs of paintings on orthogonal axes
+    f = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    index = np.array([[1], [0], [3], [2]])
+    np.testing.assert_allclose(evaluate.neighbor_similarities(f, index), np.ones((4, 1)))
+    sims = evaluate.pair_similarities(f, np.array([0, 0, 2, 1]), np.array([1, 2, 3, 3]))
+    np.testing.assert_allclose(sims, [1, 0, 1, 0])
+    # random pairs: each row has 1 same-axis partner among 3 others -> expected mean 1/3
+    i, j, inter = evaluate.inter_similarity(f, 30_000, seed=1)
+    assert np.all(i != j)
+    assert inter.mean() == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_inter_cannot_be_computed_from_the_neighbour_table():
+    # the prior art's mistake: "inter" taken as the mean of the top-k table. The function that
+    # computes inter takes the features and a seed, nothing else.
+    params = list(inspect.signature(evaluate.inter_similarity).parameters)
+    assert params == ["features", "n_pairs", "seed", "progress"]
+
+
+def test_random_pairs_are_uniform_over_ordered_pairs_without_self():
+    i, j = evaluate.random_pairs(3, 60_000, seed=0)
+    assert np.all(i != j)
+    counts = np.bincount(i * 3 + j, minlength=9).reshape(3, 3)
+    assert np.all(np.diag(counts) == 0)
+    off = counts[~np.eye(3, dtype=bool)]
+    assert off.min() > 0.9 * 10_000 and off.max() < 1.1 * 10_000
+    # seeded: the same pairs again
+    i2, j2 = evaluate.random_pairs(3, 60_000, seed=0)
+    assert np.array_equal(i, i2) and np.array_equal(j, j2)
+
+
+def test_separation_auc_and_gap():
+    s = metrics.separation([1.0, 1.0], [0.0, 0.0, 0.0])
+    assert s["auc"] == 1.0 and s["gap"] == 1.0
+    assert metrics.separation([0.5, 0.5], [0.5])["auc"] == 0.5
+    # within = [0.2, 0.8], between = [0.5]: one above, one below
+    assert metrics.separation([0.2, 0.8], [0.5])["auc"] == 0.5
+
+
+def test_ssim_of_identical_images_is_one():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 50))
+    assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_of_constant_images_matches_the_formula():
+    x = np.full((20, 20), 0.5)
+    y = np.full((20, 20), 0.25)
+    c1 = (0.01 * 1.0) ** 2
+    expected = (2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1)  # variance terms give c2 / c2
+    assert metrics.ssim(x, y) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_drops_with_noise_and_goes_negative_for_an_inverted_image():
+    rng = np.random.default_rng(1)
+    x = rng.random((64, 64))
+    slight = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+    heavy = np.clip(x + rng.normal(0, 0.4, x.shape), 0, 1)
+    assert 1 > metrics.ssim(x, slight) > metrics.ssim(x, heavy)
+    assert metrics.ssim(x, 1 - x) < 0
+    assert metrics.ssim(x, slight) == pytest.approx(metrics.ssim(slight, x))
+
+
+def test_ssim_rejects_mismatched_or_tiny_images():
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.ssim(np.zeros((20, 20)), np.zeros((20, 21)))
+    with pytest.raises(ValueError, match="at least 11"):
+        metrics.ssim(np.zeros((5, 5)), np.zeros((5, 5)))
+
+
+def test_rmse_hand_computed():
+    assert metrics.rmse(np.zeros((4, 4)), np.ones((4, 4))) == 1.0
+    assert metrics.rmse(np.array([0.0, 0.0]), np.array([0.3, 0.4])) == pytest.approx(np.sqrt(0.125))
