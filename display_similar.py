@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, resolve_device, run_main
+from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, run_main
 
 log = logging.getLogger("paintsim.display")
 
@@ -59,7 +59,7 @@ def main(args) -> int:
     if args.k < 1:
         raise UserError(f"--k {args.k}: must be at least 1")
     coll = query.Collection.open(args.data_dir)
-    device = resolve_device(args.device)
+    device = args.device  # resolved (importing torch) only when a model or a search needs it
     if args.image:
         img = query.load_outside_image(args.image)
         vec = query.embed_outside_image(coll, img, device=device, weights=args.weights)

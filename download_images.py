@@ -8,6 +8,7 @@ Offline demo: --csv-dir data/sample --images-from data/sample/images.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):  # `kill` stops the run like Ctrl-C: manifest of the finished work written
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
     from paintsim.download import DownloadOptions, run_download
+
+    signal.signal(signal.SIGTERM, _terminate)
 
     opts = DownloadOptions(
         data_dir=Path(args.data_dir), csv_dir=args.csv_dir, tables_url=args.tables_url, size=args.size,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, resolve_device, run_main
+from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, run_main
 
 
 def build_parser():
@@ -61,7 +61,7 @@ def main(args) -> int:
         raise UserError(f"--pixel-size {args.pixel_size}: SSIM needs at least 11 pixels")
     cfg = EvalConfig(k=args.k, n_pairs=args.pairs, seed=args.seed, label_column=args.label_column,
                      labels_csv=args.labels_csv, copy_sample=args.copy_sample, pixel_sample=args.pixel_sample,
-                     pixel_size=args.pixel_size, h5_max_rows=args.h5_max_rows, device=resolve_device(args.device),
+                     pixel_size=args.pixel_size, h5_max_rows=args.h5_max_rows, device=args.device,
                      batch_size=args.batch_size, weights=args.weights, skip_copies=args.skip_copies,
                      skip_pixels=args.skip_pixels, progress=not args.no_progress)
     paths = DataPaths.of(args.data_dir)

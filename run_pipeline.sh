@@ -1,30 +1,113 @@
 #!/usr/bin/env bash
 # Run every stage of paintsim in order; each stage skips work already done.
-#   bash run_pipeline.sh --sample   # offline, on the embedded sample (data/sample), MobileNetV2
-#   bash run_pipeline.sh            # the real NGA collection over HTTP, ResNet50
-# Environment: PYTHON (default python3), DATA_DIR (default data).
+#
+#   bash run_pipeline.sh --sample       # offline, on the embedded sample (data/sample), MobileNetV2
+#   bash run_pipeline.sh                # the real NGA collection over HTTP, ResNet50
+#
+# Options:
+#   --sample      use the 79 embedded NGA thumbnails (no network) and mobilenet_v2
+#   --no-matrix   skip stages 4-5 (the full N x N matrix: ~30 GB in float16 for all of NGA);
+#                 the neighbour table then comes from the streaming stage 6 alone
+#   --force       rerun stages 4-8 even when their outputs are newer than their inputs
+# Environment:
+#   PYTHON (default python3), DATA_DIR (default data), DEVICE (auto), BACKBONE (mobilenet_v2 with
+#   --sample, else resnet50), LIMIT (only the first N paintings: --limit of download_images.py),
+#   NO_PROGRESS=1 (hide progress bars), QUERY (the painting shown by stage 7, default row 0).
+#
+# Stages 1-3 resume and skip by themselves (valid images are not fetched again, embedded images are
+# not embedded again). Stages 4-6 and 8 are skipped when their output is newer than their inputs.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+
 PY=${PYTHON:-python3}
 DATA_DIR=${DATA_DIR:-data}
+DEVICE=${DEVICE:-auto}
 MODE=full
-[[ "${1:-}" == "--sample" ]] && MODE=sample
+MATRIX=1
+FORCE=0
+for arg in "$@"; do
+  case "$arg" in
+    --sample) MODE=sample ;;
+    --no-matrix) MATRIX=0 ;;
+    --force) FORCE=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_pipeline.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+COMMON=(--data-dir "$DATA_DIR")
+[[ -n "${NO_PROGRESS:-}" ]] && COMMON+=(--no-progress)
+LIMIT_ARGS=()
+if [[ -n "${LIMIT:-}" ]]; then
+  [[ "$LIMIT" =~ ^[0-9]+$ ]] || { echo "run_pipeline.sh: LIMIT must be a whole number, got '$LIMIT'" >&2; exit 2; }
+  LIMIT_ARGS=(--limit "$LIMIT")
+fi
 
 stage() { echo; echo "=== $1 ==="; shift; "$PY" "$@"; }
+skip() { echo; echo "=== $1 === up to date, skipped (--force reruns it)"; }
+
+# up_to_date OUTPUT INPUT...: OUTPUT exists and no INPUT is newer than it.
+up_to_date() {
+  local out=$1; shift
+  [[ $FORCE == 1 || ! -e "$out" ]] && return 1
+  local src
+  for src in "$@"; do
+    [[ -e "$src" && "$src" -nt "$out" ]] && return 1
+  done
+  return 0
+}
 
 if [[ $MODE == sample ]]; then
-  stage "1/8 download (from data/sample, offline)" download_images.py --data-dir "$DATA_DIR" \
+  stage "1/8 download (from data/sample, offline)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
       --csv-dir data/sample --images-from data/sample/images
-  BACKBONE=mobilenet_v2
+  BACKBONE=${BACKBONE:-mobilenet_v2}
 else
-  stage "1/8 download (NGA IIIF)" download_images.py --data-dir "$DATA_DIR"
-  BACKBONE=resnet50
+  stage "1/8 download (NGA IIIF)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}"
+  BACKBONE=${BACKBONE:-resnet50}
 fi
-[[ -f inspect_images.py ]] && stage "2/8 inspect" inspect_images.py --data-dir "$DATA_DIR"
-[[ -f extract_features.py ]] && stage "3/8 features" extract_features.py --data-dir "$DATA_DIR" --backbone "$BACKBONE"
-[[ -f compute_similarity.py ]] && stage "4/8 full matrix" compute_similarity.py --data-dir "$DATA_DIR"
-[[ -f extract_top_10.py ]] && stage "5/8 top-10 from the matrix" extract_top_10.py --data-dir "$DATA_DIR"
-[[ -f optimized_similarity.py ]] && stage "6/8 top-10 streamed" optimized_similarity.py --data-dir "$DATA_DIR"
-[[ -f display_similar.py ]] && stage "7/8 display" display_similar.py --data-dir "$DATA_DIR" --query 0
-[[ -f evaluate_unsupervised.py ]] && stage "8/8 evaluate" evaluate_unsupervised.py --data-dir "$DATA_DIR"
-echo; echo "done: artifacts in $DATA_DIR/"
+stage "2/8 inspect" inspect_images.py "${COMMON[@]}"
+stage "3/8 features ($BACKBONE)" extract_features.py "${COMMON[@]}" --backbone "$BACKBONE" --device "$DEVICE"
+
+F="$DATA_DIR/features.npy"
+H5="$DATA_DIR/similarity_scores.h5"
+TOP="$DATA_DIR/top_10_similar.npy"
+TOP_MATRIX="$DATA_DIR/top_10_from_matrix.npy"
+if [[ $MATRIX == 1 ]]; then
+  if up_to_date "$H5" "$F"; then skip "4/8 full matrix"; else
+    stage "4/8 full matrix" compute_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
+  if up_to_date "$TOP_MATRIX" "$H5"; then skip "5/8 top-10 from the matrix"; else
+    stage "5/8 top-10 from the matrix" extract_top_10.py "${COMMON[@]}" --output "$TOP_MATRIX"; fi
+else
+  echo; echo "=== 4/8, 5/8 full matrix === skipped (--no-matrix)"
+fi
+if up_to_date "$TOP" "$F"; then skip "6/8 top-10 streamed"; else
+  stage "6/8 top-10 streamed" optimized_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
+if [[ $MATRIX == 1 ]]; then
+  # The two routes must give the same neighbours: say how far they agree.
+  "$PY" - "$TOP_MATRIX" "$TOP" <<'EOF'
+import sys
+import numpy as np
+from paintsim.artifacts import load_neighbors
+a, b = load_neighbors(sys.argv[1]), load_neighbors(sys.argv[2])
+same = np.mean([set(x) == set(y) for x, y in zip(a["index"], b["index"])])
+gap = float(np.max(np.abs(a["score"].astype(np.float64) - b["score"])))
+print(f"matrix route vs streamed route: identical neighbour sets for {same:.1%} of {len(a)} paintings, "
+      f"max score difference {gap:.1e} (float16 matrix)")
+EOF
+fi
+
+stage "7/8 display" display_similar.py "${COMMON[@]}" --query "${QUERY:-0}" --device "$DEVICE"
+EVAL="$DATA_DIR/evaluation.json"
+if up_to_date "$EVAL" "$F" "$TOP"; then
+  skip "8/8 evaluate"
+  "$PY" -c "import sys; from paintsim.artifacts import read_json; from paintsim.evaluate import summary_table; print(summary_table(read_json(sys.argv[1])))" "$EVAL"
+else
+  stage "8/8 evaluate" evaluate_unsupervised.py "${COMMON[@]}" --device "$DEVICE"
+fi
+
+echo
+echo "done: artifacts in $DATA_DIR/"
+echo "  figures: $DATA_DIR/figures/ (neighbours: similar_*.png, evaluation: eval_*.png, contact sheet)"
+echo "  report:  $EVAL"

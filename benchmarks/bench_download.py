@@ -69,18 +69,18 @@ def serve(images: dict[str, bytes], port_q: mp.Queue, stop: mp.Event) -> None:
         stop.wait()
 
 
-def peer(urls: list[str], workers: int) -> float:
-    """A bare requests loop: GET every URL, read the body, nothing else. Returns wall seconds."""
+def peer(urls: list[str], workers: int) -> tuple[float, float]:
+    """A bare requests loop: GET every URL, read the body, nothing else. Returns (wall, CPU) seconds."""
     import requests
     from requests.adapters import HTTPAdapter
 
     s = requests.Session()
     s.mount("http://", HTTPAdapter(pool_maxsize=workers))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(workers) as ex:
         sizes = list(ex.map(lambda u: len(s.get(u, timeout=30).content), urls))
     assert all(sizes)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -105,9 +105,10 @@ def main() -> None:
     try:
         write_tables(tmp / "csv", base, images)
         urls = [image_url(f"{base}/iiif/{u}", args.size, None, 4000, 5000) for u in images]
-        peer(urls[:50], 4)  # warm-up
+        peer(urls[:50], 4)  # warm-up (imports, connections)
         print(f"{args.n} images, ~{avg_kb:.0f} KiB JPEG at --size {args.size}, server {base} (own process)")
-        print(f"{'workers':>7} | {'paintsim img/s':>14} | {'CPU s/img':>9} | {'peer img/s':>10} | ratio")
+        print(f"{'workers':>7} | {'paintsim img/s':>14} | {'CPU/img':>9} | {'peer img/s':>10} | "
+              f"{'peer CPU/img':>12} | img/s ratio")
         for workers in args.workers:
             data = tmp / f"data_w{workers}"
             c0, t0 = time.process_time(), time.perf_counter()
@@ -116,10 +117,10 @@ def main() -> None:
                 checkpoint_every=30.0, fetch=FetchConfig(max_retries=0)))
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert summary.counts["ok"] == args.n, summary.text()
-            peer_wall = peer(urls, workers)
+            peer_wall, peer_cpu = peer(urls, workers)
             ips, peer_ips = args.n / wall, args.n / peer_wall
             print(f"{workers:>7} | {ips:>14.0f} | {cpu / args.n * 1000:>7.2f}ms | {peer_ips:>10.0f} | "
-                  f"{ips / peer_ips:.2f}")
+                  f"{peer_cpu / args.n * 1000:>10.2f}ms | {ips / peer_ips:.2f}", flush=True)
             shutil.rmtree(data)
     finally:
         stop.set()

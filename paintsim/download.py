@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: Extra manifest column (after the contract's): where the file came from, ``http`` or ``images-from``.
 SOURCE_COLUMN = "source"
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 class DiskFullError(UserError):
@@ -103,11 +106,16 @@ def _write_image(dest: Path, data: bytes) -> None:
         with atomic_path(dest, suffix=".jpg") as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; images are ordinary files
     except OSError as exc:
         if exc.errno in _DISK_FULL_ERRNOS:
-            raise DiskFullError(f"no space left writing {dest} ({exc.strerror}): the run stopped; free "
-                                "some space and rerun, finished images are kept") from exc
+            raise DiskFullError(_disk_full_message(dest, exc)) from exc
         raise
+
+
+def _disk_full_message(path: Path, exc: OSError) -> str:
+    return (f"could not write {path} ({exc.strerror}): the disk is full (or a file-size limit was hit), "
+            "so the run stopped; free some space and rerun: finished images are kept")
 
 
 def check_image_file(path: Path) -> tuple[int, int, int]:
@@ -234,8 +242,7 @@ class Downloader:
             write_manifest(self.paths.manifest, df)
         except OSError as exc:
             if exc.errno in _DISK_FULL_ERRNOS:
-                raise DiskFullError(f"no space left writing {self.paths.manifest} ({exc.strerror}); free "
-                                    "some space and rerun, finished images are kept") from exc
+                raise DiskFullError(_disk_full_message(self.paths.manifest, exc)) from exc
             raise
 
     def run(self, rows: list[dict], items: list[_Item]) -> DownloadSummary:
@@ -257,6 +264,24 @@ class Downloader:
         bar = tqdm(total=len(items), unit="img", desc="download", disable=not opts.progress)
         pool = ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="download")
         inflight: dict[Future, _Item] = {}
+
+        def record(fut: Future, item: _Item) -> BaseException | None:
+            try:
+                action, updates = fut.result()
+            except DiskFullError as exc:
+                self.stop.set()
+                return exc
+            except Exception as exc:  # a bug or an odd file: that row fails, the run goes on
+                log.exception("unexpected error on %s", item.url)
+                action, updates = "failed", dict(status="failed", file="", width="", height="",
+                                                 bytes="", error=f"unexpected error: {exc!r}")
+            if action != "stopped":
+                item.row.update(updates)
+                done[item.index] = True
+                summary.actions[action] += 1
+                bar.update(1)
+            return None
+
         queue = iter(items)
         window = max(1, opts.workers) * 4
         try:
@@ -272,29 +297,17 @@ class Downloader:
                     break
                 finished, _ = wait(inflight, timeout=1.0, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    item = inflight.pop(fut)
-                    try:
-                        action, updates = fut.result()
-                    except DiskFullError as exc:
-                        fatal = fatal or exc
-                        self.stop.set()
-                        continue
-                    except Exception as exc:  # a bug or an odd file: that row fails, the run goes on
-                        log.exception("unexpected error on %s", item.url)
-                        action, updates = "failed", dict(status="failed", file="", width="", height="",
-                                                         bytes="", error=f"unexpected error: {exc!r}")
-                    if action == "stopped":
-                        continue
-                    item.row.update(updates)
-                    done[item.index] = True
-                    summary.actions[action] += 1
-                    bar.update(1)
+                    problem = record(fut, inflight.pop(fut))
+                    fatal = fatal or problem
                 if time.perf_counter() - last_checkpoint >= opts.checkpoint_every:
                     self._write_manifest(rows, done)
                     last_checkpoint = time.perf_counter()
         except BaseException:
             self.stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            for fut, item in inflight.items():  # what finished while stopping is kept and listed
+                if fut.done() and not fut.cancelled():
+                    record(fut, item)
             bar.close()
             self._safe_final_manifest(rows, done)
             raise

@@ -59,7 +59,7 @@ class EvalConfig:
     pixel_sample: int = 100
     pixel_size: int = 128
     h5_max_rows: int = 8192
-    device: str = "cpu"
+    device: str = "auto"  # auto|cpu|cuda, resolved only where a model or a search runs
     batch_size: int = 32
     weights: str | None = None
     skip_copies: bool = False
@@ -124,15 +124,22 @@ def inter_similarity(features: np.ndarray, n_pairs: int, seed: int,
     """The inter-class baseline: similarities of random pairs, computed from the features only.
 
     Deliberately takes no neighbour table: the mean over the top-k table is the *intra* number,
-    and using it as "inter" is the error this tool exists to avoid. Returns (i, j, similarity).
+    and using it as "inter" is the error this tool exists to avoid. When the collection has no
+    more than ``n_pairs`` distinct pairs, every pair i < j is used once (the exact mean).
+    Returns (i, j, similarity).
     """
-    i, j = random_pairs(features.shape[0], n_pairs, seed)
+    n = features.shape[0]
+    if n * (n - 1) // 2 <= n_pairs:  # small collection: every pair once, the exact mean
+        i, j = np.triu_indices(n, k=1)
+        i, j = i.astype(np.int64), j.astype(np.int64)
+    else:
+        i, j = random_pairs(n, n_pairs, seed)
     return i, j, pair_similarities(features, i, j, progress)
 
 
 # --------------------------------------------------------------------------- neighbours
 
-def collection_neighbors(paths: DataPaths, features: np.ndarray, k: int, device: str = "cpu",
+def collection_neighbors(paths: DataPaths, features: np.ndarray, k: int, device: str = "auto",
                          progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Top-k neighbour rows of every painting: from the neighbour table when it fits, else computed.
 
@@ -159,10 +166,12 @@ def collection_neighbors(paths: DataPaths, features: np.ndarray, k: int, device:
             raise UserError(f"{path}: neighbour indices outside 0..{n - 1}; rerun optimized_similarity.py")
         return index, table["score"][:, :k].astype(np.float32), str(path)
     from . import knn
+    from .cli import resolve_device
 
     log.info("no usable neighbour table in %s: computing the top-%d neighbours from %s", paths.root, k,
              paths.features)
-    index, score = knn.top_k_neighbors(features, k, device=device, exclude_self=True, progress=progress)
+    index, score = knn.top_k_neighbors(features, k, device=resolve_device(device), exclude_self=True,
+                                       progress=progress)
     return np.asarray(index, dtype=np.int64), np.asarray(score, dtype=np.float32), "computed from features.npy"
 
 
@@ -182,10 +191,13 @@ def similarity_section(paths: DataPaths, features: np.ndarray, index: np.ndarray
                             "neighbours, dot products of features.npy rows",
         "intra_std_over_paintings": float(intra_per_painting.std()),
         "inter": float(inter.mean()),
-        "inter_definition": f"mean cosine similarity of {cfg.n_pairs:,} random pairs (i != j, uniform, "
-                            f"seed {cfg.seed}), dot products of features.npy rows",
+        "inter_definition": (f"mean cosine similarity of {inter.size:,} random pairs (i != j, uniform, "
+                             f"seed {cfg.seed})" if inter.size == cfg.n_pairs else
+                             f"mean cosine similarity of all {inter.size:,} pairs i < j (fewer than "
+                             f"{cfg.n_pairs:,})") + ", dot products of features.npy rows",
         "inter_std": float(inter.std()),
-        "n_pairs": int(cfg.n_pairs),
+        "n_pairs": int(inter.size),
+        "all_pairs": bool(inter.size != cfg.n_pairs),
         "ratio_intra_over_inter": float(intra_per_painting.mean() / inter.mean()) if inter.mean() else None,
         "separation": sep,
     }
@@ -360,7 +372,10 @@ def copies_section(paths: DataPaths, features: np.ndarray, names: np.ndarray, cf
     kinds = list(cfg.copy_kinds)
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(n, size=min(cfg.copy_sample, n), replace=False))
-    embedder = Embedder.from_meta(read_json(paths.features_meta), device=cfg.device, weights=cfg.weights)
+    from .cli import resolve_device
+
+    device = resolve_device(cfg.device)
+    embedder = Embedder.from_meta(read_json(paths.features_meta), device=device, weights=cfg.weights)
     originals, copies, owners, kind_of, unreadable = [], [], [], [], []
     reembedded: list[np.ndarray] = []
     pending: list = []
@@ -409,7 +424,7 @@ def copies_section(paths: DataPaths, features: np.ndarray, names: np.ndarray, cf
     from . import knn
 
     kmax = max(COPY_KS)
-    coll_idx, coll_score = knn.search(queries, features, min(n, kmax + 1), device=cfg.device)
+    coll_idx, coll_score = knn.search(queries, features, min(n, kmax + 1), device=device)
     copy_score = queries @ copies_arr.T  # [Q, Q * kinds], small
     n_copies = len(kinds)
     hits_by_k = {k: [] for k in COPY_KS}
@@ -597,7 +612,8 @@ def summary_table(report: dict) -> str:
     sim = report["similarity"]
     k = sim["k"]
     rows.append(("similarity", f"intra: mean sim. to top-{k} neighbours", _fmt(sim["intra"])))
-    rows.append(("", f"inter: mean sim. of {sim['n_pairs']:,} random pairs", _fmt(sim["inter"])))
+    pairs = f"all {sim['n_pairs']:,} pairs" if sim.get("all_pairs") else f"{sim['n_pairs']:,} random pairs"
+    rows.append(("", f"inter: mean sim. of {pairs}", _fmt(sim["inter"])))
     rows.append(("", "separation: gap / d' / AUC",
                  f"{_fmt(sim['separation']['gap'])} / {_fmt(sim['separation']['d_prime'], 2)} / "
                  f"{_fmt(sim['separation']['auc'])}"))

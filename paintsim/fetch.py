@@ -8,11 +8,14 @@ date) is honoured, capped, and pauses *every* worker, since the server is one ho
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -101,14 +104,32 @@ class Politeness:
 
 
 def make_session(workers: int, user_agent: str | None = None) -> requests.Session:
-    """A session whose connection pool fits ``workers`` threads (keep-alive reuse, no urllib3 retries)."""
+    """A session whose connection pool fits ``workers`` threads (keep-alive reuse, no urllib3 retries).
+
+    With ``trust_env`` requests re-reads every proxy variable of the environment on *each* request
+    (about 1 ms of CPU): the environment is read once per host instead (:func:`fetch`), and the CA
+    bundle variables once here.
+    """
     session = requests.Session()
+    session.trust_env = False
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, workers), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = user_agent or default_user_agent()
     session.headers["Accept"] = "image/jpeg,image/*;q=0.9,*/*;q=0.1"
     return session
+
+
+@functools.lru_cache(maxsize=64)
+def _env_proxies_for(scheme_host: str) -> tuple:
+    return tuple(sorted(requests.utils.get_environ_proxies(scheme_host).items()))
+
+
+def _env_proxies(url: str) -> dict:
+    """The environment's proxies (HTTP(S)_PROXY, NO_PROXY) for ``url``'s host, read once per host."""
+    parts = urlsplit(url)
+    return dict(_env_proxies_for(f"{parts.scheme}://{parts.netloc}/"))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -182,7 +203,7 @@ def fetch(session: requests.Session, url: str, config: FetchConfig,
         last.attempts = attempt + 1
         try:
             with session.get(url, stream=True, timeout=(config.connect_timeout, config.read_timeout),
-                             allow_redirects=True) as resp:
+                             allow_redirects=True, proxies=_env_proxies(url)) as resp:
                 status = resp.status_code
                 ctype = resp.headers.get("Content-Type", "")
                 if status in RETRY_STATUSES:

@@ -188,7 +188,7 @@ def random_query(coll: Collection, seed: int) -> int:
 
 # --------------------------------------------------------------------------- neighbours
 
-def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
+def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
     """Top-k neighbours of a collection row (self excluded): (rows, scores, source)."""
     if not 1 <= k < len(coll):
         raise UserError(f"--k {k}: must be between 1 and {len(coll) - 1} (the collection has {len(coll)} images)")
@@ -210,11 +210,12 @@ def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "cpu") ->
         rec = table[row]
         return rec["index"][:k].astype(np.int64), rec["score"][:k].astype(np.float32), str(table_path)
     from . import knn
+    from .cli import resolve_device
 
     log.info("no neighbour table with k >= %d in %s: searching %s directly", k, coll.paths.root,
              coll.paths.features)
     idx, score = knn.search(np.asarray(coll.features[row:row + 1], dtype=np.float32), coll.features,
-                            k + 1, device=device)
+                            k + 1, device=resolve_device(device))
     idx, score = idx[0], score[0]
     keep = idx != row
     return idx[keep][:k].astype(np.int64), score[keep][:k].astype(np.float32), str(coll.paths.features)
@@ -289,13 +290,14 @@ def embed_outside_image(coll: Collection, img, device: str = "auto", weights: st
     return vec
 
 
-def search_outside(coll: Collection, vec: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def search_outside(coll: Collection, vec: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Top-k collection rows for an embedded outside image (nothing excluded)."""
     from . import knn
+    from .cli import resolve_device
 
     if not 1 <= k <= len(coll):
         raise UserError(f"--k {k}: must be between 1 and {len(coll)}")
-    idx, score = knn.search(vec, coll.features, k, device=device)
+    idx, score = knn.search(vec, coll.features, k, device=resolve_device(device))
     return idx[0].astype(np.int64), score[0].astype(np.float32)
 
 

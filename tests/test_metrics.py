@@ -74,10 +74,17 @@ def test_intra_and_inter_hand_computed():
     np.testing.assert_allclose(evaluate.neighbor_similarities(f, index), np.ones((4, 1)))
     sims = evaluate.pair_similarities(f, np.array([0, 0, 2, 1]), np.array([1, 2, 3, 3]))
     np.testing.assert_allclose(sims, [1, 0, 1, 0])
-    # random pairs: each row has 1 same-axis partner among 3 others -> expected mean 1/3
-    i, j, inter = evaluate.inter_similarity(f, 30_000, seed=1)
+    # 6 distinct pairs <= 10 asked: every pair once, 2 of them similar -> exactly 1/3
+    i, j, inter = evaluate.inter_similarity(f, 10, seed=1)
+    assert len(inter) == 6 and np.all(i < j)
+    assert inter.mean() == pytest.approx(1 / 3, abs=1e-7)
+    # sampled: each row has 1 same-axis partner among 3 others -> expected mean 1/3
+    i, j, inter = evaluate.inter_similarity(f, 5, seed=1)
+    assert len(inter) == 5 and np.all(i != j)
+    i, j, inter = evaluate.inter_similarity(np.repeat(f, 50, axis=0), 40_000, seed=1)
     assert np.all(i != j)
-    assert inter.mean() == pytest.approx(1 / 3, abs=0.01)
+    # 200 rows, 100 per axis: each row has 99 same-axis partners among 199 others
+    assert inter.mean() == pytest.approx(99 / 199, abs=0.01)
 
 
 def test_inter_cannot_be_computed_from_the_neighbour_table():

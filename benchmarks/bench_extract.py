@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Feature extraction throughput on this machine: end to end vs the model-alone floor vs naive.
+
+For each backbone (resnet50 and mobilenet_v2 by default; random weights, since speed does not
+depend on the values) it measures, side by side in one process:
+
+* floor: the model alone (normalise + forward + L2) on uint8 batches already in memory, for each
+  thread count / memory layout tried; the best is the floor;
+* end to end: ``paintsim.extract.extract_features`` on a folder of ~512 px JPEGs (decode, resize,
+  crop in DataLoader workers, model, progress chunks), for several workers x threads settings;
+* naive: one image at a time, PIL decode + transform in the main loop, batch of one.
+
+Ratios are reported against the floor. ``--compare-crop`` instead measures, with the real
+MobileNetV2 weights on data/sample, centre crop vs --no-crop (perturbed-copy recovery and
+same-artist precision@5).
+
+Run under the shared CPU lock and without the environment's OpenBLAS override:
+    flock /tmp/paintsim-cpu.lock env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/bench_extract.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TORCH_HOME", str(REPO / ".cache" / "torch"))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from paintsim.extract import Embedder, ExtractConfig, extract_features  # noqa: E402
+from paintsim.images import load_rgb  # noqa: E402
+
+SAMPLE = REPO / "data" / "sample"
+
+
+def make_inputs(directory: Path, n: int, size: int = 512) -> list[Path]:
+    """``n`` realistic JPEGs: the sample paintings upscaled to ``size`` px on the long side, q=90."""
+    srcs = sorted((SAMPLE / "images").glob("*.jpg"))
+    out = []
+    for i in range(n):
+        img = load_rgb(srcs[i % len(srcs)])
+        w, h = img.size
+        s = size / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+        p = directory / f"img{i:05d}.jpg"
+        img.save(p, quality=90)
+        out.append(p)
+    return out
+
+
+def floor(emb: Embedder, n: int, batch: int, threads: int, channels_last: bool, repeats: int = 2) -> float:
+    torch.set_num_threads(threads)
+    emb.channels_last = channels_last
+    emb.model = emb.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    s = emb.preprocessing.crop_size
+    x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
+    emb.embed_uint8(x)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = 0
+        while done < n:
+            emb.embed_uint8(x)
+            done += batch
+        best = max(best, done / (time.perf_counter() - t))
+    return best
+
+
+def end_to_end(backbone: str, images_dir: Path, batch: int, workers: int, threads: int,
+               channels_last: bool) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cfg = ExtractConfig(data_dir=d, images_dir=str(images_dir), backbone=backbone, weights="none",
+                            batch_size=batch, workers=workers, device="cpu", precision="fp32",
+                            channels_last=channels_last, threads=threads, progress=False)
+        summary = extract_features(cfg)
+    return float(summary["images_per_s"])
+
+
+def naive(emb: Embedder, paths: list[Path], threads: int) -> float:
+    torch.set_num_threads(threads)
+    emb.embed([load_rgb(paths[0])])
+    t = time.perf_counter()
+    for p in paths:
+        emb.embed([load_rgb(p)])
+    return len(paths) / (time.perf_counter() - t)
+
+
+def run_speed(args) -> dict:
+    logging.basicConfig(level=logging.WARNING)
+    cores = os.cpu_count() or 1
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {cores} cores, "
+                                f"torch {torch.__version__}, CPU capability "
+                                f"{torch.backends.cpu.get_cpu_capability()}", "backbones": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones:
+            n = args.images if args.images else (48 if backbone == "resnet50" else 128)
+            img_dir = Path(tmp) / backbone
+            img_dir.mkdir()
+            paths = make_inputs(img_dir, n, args.size)
+            emb = Embedder.create(backbone, weights="none", device="cpu", precision="fp32", progress=False)
+            r: dict = {"images": n, "floor": {}, "end_to_end": {}}
+            for threads in sorted({1, cores}):
+                for cl in (False, True):
+                    v = floor(emb, n, args.batch_size, threads, cl)
+                    r["floor"][f"threads={threads} channels_last={cl}"] = round(v, 2)
+                    print(f"{backbone} floor threads={threads} channels_last={cl}: {v:.1f} img/s", flush=True)
+            best_floor_key = max(r["floor"], key=r["floor"].get)
+            best_cl = "channels_last=True" in best_floor_key
+            r["floor_best"] = {"config": best_floor_key, "images_per_s": r["floor"][best_floor_key]}
+            for workers, threads in [(0, cores), (1, cores), (1, max(1, cores - 1)), (2, cores)]:
+                v = end_to_end(backbone, img_dir, args.batch_size, workers, threads, best_cl)
+                key = f"workers={workers} threads={threads} channels_last={best_cl}"
+                r["end_to_end"][key] = round(v, 2)
+                print(f"{backbone} end-to-end {key}: {v:.1f} img/s "
+                      f"({v / r['floor_best']['images_per_s']:.2f}x floor)", flush=True)
+            torch.set_num_threads(cores)
+            emb.channels_last = best_cl
+            v = naive(emb, paths[: max(8, n // 4)], cores)
+            r["naive"] = round(v, 2)
+            print(f"{backbone} naive (batch 1, PIL in the main loop, threads={cores}): {v:.1f} img/s", flush=True)
+            best_e2e = max(r["end_to_end"], key=r["end_to_end"].get)
+            fl = r["floor_best"]["images_per_s"]
+            r["summary"] = {"floor": fl, "best_end_to_end": best_e2e, "best_end_to_end_ratio":
+                            round(r["end_to_end"][best_e2e] / fl, 3),
+                            "default_end_to_end_ratio": round(r["end_to_end"][
+                                f"workers=1 threads={max(1, cores - 1)} channels_last={best_cl}"] / fl, 3),
+                            "naive_ratio": round(v / fl, 3)}
+            results["backbones"][backbone] = r
+    return results
+
+
+def run_crop_compare(args) -> dict:
+    """Centre crop vs letterbox on the real sample, real MobileNetV2 weights."""
+    import csv
+
+    from paintsim.perturb import perturb
+
+    meta = {row["file"].split("/")[-1]: row["artist"] for row in csv.DictReader(open(SAMPLE / "metadata.csv"))}
+    files = sorted((SAMPLE / "images").glob("*.jpg"))
+    imgs = [load_rgb(f) for f in files]
+    artists = np.array([meta.get(f.name, "") for f in files])
+    n = len(files)
+    out: dict = {"images": n, "backbone": "mobilenet_v2 (MobileNet_V2_Weights.IMAGENET1K_V1)", "modes": {}}
+    for no_crop in (False, True):
+        emb = Embedder.create("mobilenet_v2", no_crop=no_crop, device="cpu", precision="fp32")
+        O = emb.embed(imgs)
+        so = O @ O.T
+        np.fill_diagonal(so, -2)
+        # same-artist precision@5 over paintings whose artist has another painting in the sample
+        top5 = np.argsort(-so, axis=1)[:, :5]
+        has_peer = np.array([(artists == a).sum() > 1 for a in artists])
+        p5 = float(np.mean([(artists[top5[i]] == artists[i]).mean() for i in range(n) if has_peer[i]]))
+        copy_top1, mutual = [], []
+        for seed in range(args.seeds):
+            rng = np.random.default_rng(seed)
+            E = emb.embed([perturb(im, "combo", rng) for im in imgs])
+            s = E @ O.T
+            copy_top1.append(float(np.mean(s.argmax(1) == np.arange(n))))
+            mutual.append(float(np.mean((s.argmax(1) == np.arange(n)) & (np.diag(s) > so.max(1)))))
+        mode = "letterbox (--no-crop)" if no_crop else "center-crop (default)"
+        out["modes"][mode] = {"same_artist_precision_at_5": round(p5, 3),
+                              "paintings_with_same_artist_peer": int(has_peer.sum()),
+                              "copy_to_original_top1": round(float(np.mean(copy_top1)), 4),
+                              "mutual_nearest_neighbour": round(float(np.mean(mutual)), 4),
+                              "seeds": args.seeds}
+        print(mode, json.dumps(out["modes"][mode]), flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v2"])
+    p.add_argument("--images", type=int, default=0, help="images per backbone (0: 48 resnet50, 128 others)")
+    p.add_argument("--size", type=int, default=512, help="long side of the benchmark JPEGs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--compare-crop", action="store_true", help="measure centre crop vs --no-crop instead")
+    p.add_argument("--seeds", type=int, default=5, help="perturbation seeds for --compare-crop")
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        print("warning: OPENBLAS_CORETYPE is set; run with `env -u OPENBLAS_CORETYPE`", file=sys.stderr)
+    res = run_crop_compare(args) if args.compare_crop else run_speed(args)
+    print(json.dumps(res, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
