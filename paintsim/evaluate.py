@@ -642,6 +642,10 @@ def summary_table(report: dict) -> str:
                      f"among {cop['searched_among']:,}"))
         for m, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1")):
             rows.append(("", f"{m} {head}", " / ".join(_fmt(cop[f'{key}@{kk}']) for kk in COPY_KS)))
+        by_kind = cop.get(f"found_in_top{max(COPY_KS)}_by_kind", {})
+        if by_kind:
+            rows.append(("", f"found in top {max(COPY_KS)}: " + " / ".join(by_kind),
+                         " / ".join(_fmt(v, 2) for v in by_kind.values())))
     else:
         rows.append(("perturbed copies", "", cop.get("status", "-")))
     pix = report.get("pixels", {})

@@ -68,7 +68,8 @@ def contact_sheet(image_paths: Sequence[str | os.PathLike[str]], captions: Seque
     columns = max(1, min(columns, n))
     rows = (n + columns - 1) // columns
     cell_w, cell_h = thumb_size / 100, thumb_size / 100 + 0.55
-    fig = Figure(figsize=(columns * cell_w, rows * cell_h + (0.4 if title else 0.0)))
+    fig_h = rows * cell_h + (0.4 if title else 0.0)
+    fig = Figure(figsize=(columns * cell_w, fig_h))
     if title:
         fig.suptitle(title, fontsize=11)
     for i in range(n):
@@ -87,7 +88,7 @@ def contact_sheet(image_paths: Sequence[str | os.PathLike[str]], captions: Seque
             caption = f"unreadable: {_short(str(exc), 60)}"
         wrapped = "\n".join(textwrap.wrap(caption, width=max(12, thumb_size // 7))[:3])
         ax.text(0.5, -0.03, wrapped, fontsize=7, ha="center", va="top", transform=ax.transAxes)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.93 if title else 0.99,
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.5 / fig_h, top=1 - (0.45 if title else 0.05) / fig_h,
                         wspace=0.05, hspace=0.45)
     out = save_figure(fig, output)
     log.info("wrote contact sheet of %d images to %s", len(image_paths), out)

@@ -1,0 +1,411 @@
+"""The one blockwise all-pairs kernel: validated features in, exact top-k cosine neighbours out.
+
+Every similarity route of paintsim goes through this module:
+
+* :func:`top_k_neighbors` streams blocks of rows against all rows and keeps a running top-k per
+  row (faiss ``exhaustive_search`` style), so the N x N matrix never exists in memory;
+* :func:`score_blocks` yields the same score blocks for ``compute_similarity.py`` to store;
+* :func:`select_top_k` is the one tie-aware selection (descending score, ties to the lower
+  index) shared by the streaming route and by ``extract_top_10.py`` reading the stored matrix.
+
+Exactness. The default CPU method ("auto") first scores every pair on int8-quantised vectors
+(``torch._int_mm``, exact int32 accumulation) and proves, per pair, by Cauchy-Schwarz, how far that
+approximation can be from the true cosine; every pair whose upper bound can still reach the row's
+k-th best lower bound is rescored in float32. The result is therefore exactly the float32 top-k
+(see docs/similarity.md for the bound); ``method="float32"`` computes every pair in float32.
+The GPU path uses the same code with torch tensors on CUDA (float32 scores, TF32 disabled).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .artifacts import DataPaths, load_npy, read_json
+from .cli import UserError
+
+log = logging.getLogger(__name__)
+
+#: Rows must have an L2 norm within this distance of 1 (features.npy is L2-normalised float32).
+UNIT_NORM_TOL = 1e-3
+#: Memory the kernel may use for its score blocks when no budget is given (capped by what is free).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+METHODS = ("auto", "float32", "int8")
+
+
+# --------------------------------------------------------------------------------------- inputs
+def _rows_text(rows: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
+    return shown + more
+
+
+def validate_features(features: np.ndarray, names: np.ndarray | None = None,
+                      source: str = "features.npy") -> np.ndarray:
+    """Check features once and return them as C-contiguous float32 ``[N, D]``.
+
+    Raises :class:`UserError` naming ``source`` and the offending row numbers (0-based) for a
+    wrong shape or dtype, non-finite rows, zero rows, rows that are not unit-norm, or names that
+    are not aligned with the rows.
+    """
+    arr = np.asarray(features)
+    if arr.ndim != 2:
+        raise UserError(f"{source}: expected a 2-D array [N, D] of embeddings, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserError(f"{source}: expected floating-point embeddings, got dtype {arr.dtype}")
+    n, d = arr.shape
+    if n < 2 or d < 1:
+        raise UserError(f"{source}: need at least 2 rows and 1 column to find neighbours, "
+                        f"got shape {arr.shape}")
+    nonfinite, zero, off = [], [], []
+    chunk = max(1, (64 * 2**20) // (8 * d))
+    for start in range(0, n, chunk):
+        block = np.asarray(arr[start:start + chunk], dtype=np.float64)
+        finite = np.isfinite(block).all(axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", np.where(np.isfinite(block), block, 0.0),
+                                  np.where(np.isfinite(block), block, 0.0)))
+        rows = np.arange(start, start + len(block))
+        nonfinite.append(rows[~finite])
+        zero.append(rows[finite & (norms == 0)])
+        off.append(rows[finite & (norms != 0) & (np.abs(norms - 1.0) > UNIT_NORM_TOL)])
+    nonfinite, zero, off = (np.concatenate(x) for x in (nonfinite, zero, off))
+    if len(nonfinite):
+        raise UserError(f"{source}: {len(nonfinite)} row(s) contain NaN or infinity: rows "
+                        f"{_rows_text(nonfinite)}; re-extract those images or drop them")
+    if len(zero):
+        raise UserError(f"{source}: {len(zero)} row(s) are all zeros (no direction, no cosine "
+                        f"similarity): rows {_rows_text(zero)}")
+    if len(off):
+        raise UserError(f"{source}: {len(off)} row(s) are not unit-norm (|norm - 1| > "
+                        f"{UNIT_NORM_TOL}): rows {_rows_text(off)}; features must be L2-normalised")
+    if names is not None:
+        names_arr = np.asarray(names)
+        if names_arr.ndim != 1 or len(names_arr) != n:
+            raise UserError(f"image names are not aligned with {source}: {names_arr.shape[0] if names_arr.ndim else 0}"
+                            f" name(s) (shape {names_arr.shape}) for {n} feature rows; rerun "
+                            "extract_features.py so both files come from the same run")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def validate_k(k: int, n: int, exclude_self: bool = True) -> int:
+    """``1 <= k < N`` when a row's own index is excluded (``k <= N`` otherwise)."""
+    limit = n - 1 if exclude_self else n
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= limit:
+        what = "other paintings" if exclude_self else "paintings"
+        raise UserError(f"--k must be between 1 and {limit} (there are {limit} {what}), got {k}")
+    return int(k)
+
+
+def load_features(data_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Load and validate ``features.npy`` + ``image_names.npy`` (+ ``features_meta.json`` or ``{}``)."""
+    paths = DataPaths.of(data_dir)
+    try:
+        features = load_npy(paths.features)
+        names = load_npy(paths.image_names)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    meta: dict = {}
+    if paths.features_meta.exists():
+        try:
+            meta = read_json(paths.features_meta)
+        except ValueError as exc:
+            raise UserError(f"{paths.features_meta} is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise UserError(f"{paths.features_meta} must hold a JSON object, got {type(meta).__name__}")
+    features = validate_features(features, names, source=str(paths.features))
+    if names.dtype.kind not in "US":
+        raise UserError(f"{paths.image_names}: expected an array of file names, got dtype {names.dtype}")
+    return features, names, meta
+
+
+# ------------------------------------------------------------------------------------ resources
+def available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable``), or 4 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def auto_block_size(n: int, bytes_per_score_row: int | None = None,
+                    memory_budget: int | None = None) -> int:
+    """Rows per block so that the block's working set fits ``memory_budget`` bytes.
+
+    The working set of one block of ``b`` rows is about ``b * n * 12`` bytes (scores, a mask and
+    selection scratch); the default budget is ``DEFAULT_MEMORY_BUDGET`` capped at a quarter of
+    the memory available now.
+    """
+    if memory_budget is None:
+        memory_budget = min(DEFAULT_MEMORY_BUDGET, available_memory() // 4)
+    per_row = bytes_per_score_row or 12 * n
+    return int(max(1, min(n, 4096, memory_budget // max(per_row, 1))))
+
+
+def parse_memory(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"800000000"`` -> bytes (argparse type)."""
+    import argparse
+
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512M, 2G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
+    return int(value)
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available "
+                        "(use --device cpu or --device auto)")
+    return device
+
+
+# ------------------------------------------------------------------------------------ selection
+def select_top_k(scores, k: int, col_offset: int = 0, self_rows=None):
+    """Top ``k`` of each row of a score block, descending, ties to the lower column index.
+
+    ``scores`` is a float torch tensor ``[B, C]`` (any device, modified in place when
+    ``self_rows`` is given); ``self_rows`` (int tensor ``[B]``) are global column indices to
+    exclude (set to -inf). Returns ``(values [B, k'], indices int64 [B, k'])`` with
+    ``k' = min(k, C)``, indices global (``col_offset`` added).
+    """
+    import torch
+
+    b, c = scores.shape
+    if self_rows is not None:
+        local = self_rows - col_offset
+        inside = (local >= 0) & (local < c)
+        if bool(inside.any()):
+            rows = torch.nonzero(inside).flatten()
+            scores[rows, local[rows]] = -math.inf
+    kk = min(k, c)
+    if kk == 0:
+        return (scores.new_empty((b, 0)), torch.empty((b, 0), dtype=torch.int64, device=scores.device))
+    if c > kk:
+        # one extra value tells whether the k-th place is tied with something left out
+        vals, pos = torch.topk(scores, kk + 1, dim=1, largest=True, sorted=True)
+        tied = vals[:, kk - 1] == vals[:, kk]
+        vals, pos = vals[:, :kk].contiguous(), pos[:, :kk].contiguous()
+        if bool(tied.any()):
+            for r in torch.nonzero(tied).flatten().tolist():
+                # stable descending sort keeps equal scores in index order
+                order = torch.sort(scores[r], descending=True, stable=True).indices[:kk]
+                pos[r] = order
+                vals[r] = scores[r, order]
+    else:
+        vals, pos = scores, torch.arange(c, device=scores.device).expand(b, c)
+    vals, pos = _sort_desc_lower_index(vals, pos)
+    return vals, pos + col_offset
+
+
+def _sort_desc_lower_index(vals, idx):
+    """Sort each row by descending value, equal values by ascending index."""
+    import torch
+
+    order = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    order = torch.argsort(vals, dim=1, descending=True, stable=True)
+    return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+
+
+def merge_top_k(vals_a, idx_a, vals_b, idx_b, k: int):
+    """Merge two per-row top lists into one of ``k`` (descending, ties to the lower index)."""
+    import torch
+
+    vals, idx = _sort_desc_lower_index(torch.cat([vals_a, vals_b], 1), torch.cat([idx_a, idx_b], 1))
+    return vals[:, :k].contiguous(), idx[:, :k].contiguous()
+
+
+# ------------------------------------------------------------------------------------ the kernel
+class _Scorer:
+    """Float32 scores of row blocks against column blocks, on the CPU (BLAS) or on CUDA (torch)."""
+
+    def __init__(self, features: np.ndarray, device: str):
+        import torch
+
+        self.device = device
+        self.n, self.d = features.shape
+        self.features_np = features
+        if device == "cpu":
+            self.features = torch.from_numpy(features)
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
+            self.features = torch.from_numpy(features).to(device)
+
+    def scores(self, r0: int, r1: int, c0: int, c1: int, out=None):
+        """Float32 ``features[r0:r1] @ features[c0:c1].T`` as a torch tensor on the device."""
+        import torch
+
+        if self.device == "cpu":
+            # numpy's BLAS sgemm is faster than torch's on the CPU (see docs/similarity.md)
+            buf = None if out is None else out[: r1 - r0, : c1 - c0]
+            res = np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
+            return torch.from_numpy(res)
+        return self.features[r0:r1] @ self.features[c0:c1].T
+
+
+def _progress(total: int, enabled: bool, desc: str, unit: str = "row"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, unit_scale=True,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def score_blocks(features: np.ndarray, *, device: str = "cpu", block_size: int | None = None,
+                 start_row: int = 0, memory_budget: int | None = None,
+                 ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(r0, r1, scores)``: float32 ``features[r0:r1] @ features.T`` on the host, in order.
+
+    Used by ``compute_similarity.py`` to write the full matrix; ``start_row`` resumes mid-way.
+    """
+    dev = _torch_device(device)
+    n = features.shape[0]
+    block = block_size or auto_block_size(n, 8 * n, memory_budget)
+    scorer = _Scorer(features, dev)
+    for r0 in range(start_row, n, block):
+        r1 = min(n, r0 + block)
+        s = scorer.scores(r0, r1, 0, n)
+        yield r0, r1, s.cpu().numpy() if dev != "cpu" else s.numpy()
+
+
+def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
+                    block_size: int | None = None, exclude_self: bool = True,
+                    progress: bool = False, method: str = "auto",
+                    memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` cosine neighbours of every row among all rows, streamed block by block.
+
+    Returns ``(index int32 [N, k], score float32 [N, k])``, each row sorted by descending score,
+    ties broken by the lower index, the row itself excluded when ``exclude_self``.
+    ``device``: ``cpu``, ``cuda`` or ``auto``. ``method``: ``auto`` (int8 candidate pass with a
+    proven error bound + float32 rescoring on the CPU, float32 on CUDA), ``float32`` or ``int8``
+    (both exact). ``block_size``: rows per block (default: from ``memory_budget`` / free memory).
+    """
+    features = validate_features(features)
+    n = features.shape[0]
+    k = validate_k(k, n, exclude_self)
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    dev = _torch_device(device)
+    if block_size is not None and block_size < 1:
+        raise UserError(f"--block-size must be at least 1, got {block_size}")
+    use_int8 = method == "int8" or (method == "auto" and dev == "cpu" and _int8_worthwhile(features, k))
+    if use_int8:
+        from . import knn_int8
+
+        return knn_int8.top_k_int8(features, k, block_size=block_size, exclude_self=exclude_self,
+                                   progress=progress, memory_budget=memory_budget)
+    return _top_k_float32(features, k, dev, block_size, exclude_self, progress, memory_budget)
+
+
+def _int8_worthwhile(features: np.ndarray, k: int) -> bool:
+    """The int8 pass pays off only for large collections (it needs a quantised copy and a bound)."""
+    n, d = features.shape
+    return n >= 4096 and d >= 256 and k <= 256
+
+
+def _top_k_float32(features: np.ndarray, k: int, dev: str, block_size: int | None,
+                   exclude_self: bool, progress: bool, memory_budget: int | None):
+    import torch
+
+    n = features.shape[0]
+    block = block_size or auto_block_size(n, None, memory_budget)
+    # columns are processed in chunks so one score block stays within the budget when block is small
+    col_chunk = n if block_size is None else max(block, min(n, 8192))
+    scorer = _Scorer(features, dev)
+    out_idx = np.empty((n, k), dtype=np.int32)
+    out_val = np.empty((n, k), dtype=np.float32)
+    buf = np.empty((block, col_chunk), dtype=np.float32) if dev == "cpu" else None
+    with torch.inference_mode(), _progress(n, progress, "neighbours") as bar:
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            self_rows = torch.arange(r0, r1, device=dev) if exclude_self else None
+            vals = idx = None
+            for c0 in range(0, n, col_chunk):
+                c1 = min(n, c0 + col_chunk)
+                s = scorer.scores(r0, r1, c0, c1, out=buf)
+                v, i = select_top_k(s, k, c0, self_rows)
+                vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
+            out_idx[r0:r1] = idx.cpu().numpy()
+            out_val[r0:r1] = vals.cpu().numpy()
+            bar.update(r1 - r0)
+    return out_idx, out_val
+
+
+def search(queries: np.ndarray, features: np.ndarray, k: int, *,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``features`` for each query vector (queries are not in the collection).
+
+    ``queries`` ``[q, D]`` unit vectors; returns ``(index int32 [q, k], score float32 [q, k])``,
+    descending, ties to the lower index, no self exclusion.
+    """
+    import torch
+
+    features = validate_features(features)
+    q = np.atleast_2d(np.asarray(queries))
+    q = validate_features(q, source="queries") if len(q) >= 2 else _validate_one_query(q)
+    if q.shape[1] != features.shape[1]:
+        raise UserError(f"queries have dimension {q.shape[1]} but features have {features.shape[1]}")
+    k = validate_k(k, features.shape[0], exclude_self=False)
+    dev = _torch_device(device)
+    n = features.shape[0]
+    scorer = _Scorer(features, dev)
+    qt = torch.from_numpy(q).to(dev)
+    out_idx = np.empty((len(q), k), dtype=np.int32)
+    out_val = np.empty((len(q), k), dtype=np.float32)
+    block = auto_block_size(n)
+    col_chunk = min(n, max(k, (DEFAULT_MEMORY_BUDGET // 12) // max(1, min(block, len(q)))))
+    with torch.inference_mode():
+        for r0 in range(0, len(q), block):
+            r1 = min(len(q), r0 + block)
+            vals = idx = None
+            for c0 in range(0, n, col_chunk):
+                c1 = min(n, c0 + col_chunk)
+                s = qt[r0:r1] @ scorer.features[c0:c1].T
+                v, i = select_top_k(s, k, c0)
+                vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
+            out_idx[r0:r1] = idx.cpu().numpy()
+            out_val[r0:r1] = vals.cpu().numpy()
+    return out_idx, out_val
+
+
+def _validate_one_query(q: np.ndarray) -> np.ndarray:
+    if q.ndim != 2 or not np.issubdtype(q.dtype, np.floating):
+        raise UserError(f"queries: expected float vectors [q, D], got {q.dtype} {q.shape}")
+    if not np.isfinite(q).all():
+        raise UserError("queries: row 0 contains NaN or infinity")
+    norm = float(np.linalg.norm(q.astype(np.float64)))
+    if norm == 0 or abs(norm - 1) > UNIT_NORM_TOL:
+        raise UserError(f"queries: row 0 is not unit-norm (norm {norm:.6g})")
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def brute_force_float64(features: np.ndarray, k: int, exclude_self: bool = True):
+    """Reference: the whole float64 matrix, then a stable sort (tests and small N only)."""
+    x = np.asarray(features, dtype=np.float64)
+    s = x @ x.T
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return order.astype(np.int32), np.take_along_axis(s, order, 1)
+
+
+__all__ = ["load_features", "validate_features", "validate_k", "top_k_neighbors", "search",
+           "select_top_k", "merge_top_k", "score_blocks", "auto_block_size", "parse_memory",
+           "available_memory", "brute_force_float64", "UNIT_NORM_TOL", "METHODS"]
+
+_ = Path  # keep the import for type readers
