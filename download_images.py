@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retry-after", type=float, default=300.0,
                    help="cap in seconds on a server's Retry-After")
     p.add_argument("--user-agent", default=default_user_agent(), help="User-Agent sent with every request")
+    p.add_argument("--ignore-robots-txt", action="store_true",
+                   help="do not read the image host's robots.txt (by default its rules and Crawl-delay "
+                        "are obeyed)")
     p.add_argument("--checkpoint-every", type=float, default=30.0,
                    help="seconds between manifest checkpoints during the run")
     return p
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir), csv_dir=args.csv_dir, tables_url=args.tables_url, size=args.size,
         workers=args.workers, limit=args.limit, sample=args.sample, seed=args.seed,
         all_views=args.all_views, images_from=args.images_from, progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, respect_robots_txt=not args.ignore_robots_txt,
         fetch=FetchConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                           max_retries=args.max_retries, backoff=args.backoff,
                           retry_after_max=args.max_retry_after, max_rate=args.max_rate,

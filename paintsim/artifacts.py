@@ -26,6 +26,16 @@ MANIFEST_COLUMNS = [
 NEIGHBOR_FIELDS = ("index", "score")
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (mkstemp's 0600 would hide artifacts)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @dataclass(frozen=True)
 class DataPaths:
     """Every artifact path of one data directory."""
@@ -48,6 +58,10 @@ class DataPaths:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.csv"
+
+    @property
+    def inspection(self) -> Path:
+        return self.root / "inspection.json"
 
     @property
     def figures_dir(self) -> Path:
@@ -102,6 +116,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -19,12 +19,13 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 
 from .artifacts import MANIFEST_COLUMNS, DataPaths, atomic_path, read_manifest, write_manifest
 from .cli import UserError
-from .fetch import FetchConfig, Politeness, fetch, make_session
+from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
 from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, open_image
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
@@ -58,6 +59,7 @@ class DownloadOptions:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     progress: bool = True
     checkpoint_every: float = 30.0          # seconds between manifest checkpoints
+    respect_robots_txt: bool = True
 
 
 @dataclass
@@ -146,6 +148,7 @@ class Downloader:
         self.stop = threading.Event()
         self.politeness = Politeness(opts.fetch.max_rate, self.stop)
         self.session = None if opts.images_from else make_session(opts.workers, opts.fetch.user_agent)
+        self.robots = RobotsRules(self.session, opts.fetch, self.politeness, opts.respect_robots_txt)
         self.local = _index_dir(opts.images_from) if opts.images_from else None
         self.bytes_lock = threading.Lock()
         self.bytes_written = 0
@@ -155,6 +158,7 @@ class Downloader:
         rows: list[dict] = []
         items: list[_Item] = []
         source = "images-from" if self.local is not None else "http"
+        seen: set[str] = set()
         for i, sel in enumerate(selection.to_dict("records")):
             row = {c: "" for c in MANIFEST_COLUMNS}
             for c in ("uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification"):
@@ -169,6 +173,10 @@ class Downloader:
                 row.update(status="failed", error=f"rejected row: {exc}")
                 continue
             row["uuid"], row["url"] = uuid, url
+            if uuid in seen:
+                row.update(status="failed", error=f"rejected row: uuid {uuid} repeats an earlier row")
+                continue
+            seen.add(uuid)
             try:
                 objectid = check_objectid(sel["objectid"])
             except BadRowError:
@@ -190,6 +198,9 @@ class Downloader:
             if size > self.opts.fetch.max_bytes:
                 return None, f"{src}: {size} bytes exceeds the {self.opts.fetch.max_bytes}-byte limit"
             return src.read_bytes(), ""
+        if not self.robots.allowed(item.url):
+            parts = urlsplit(item.url)
+            return None, f"disallowed by {parts.scheme}://{parts.netloc}/robots.txt"
         res = fetch(self.session, item.url, self.opts.fetch, self.politeness)
         return (res.data, "") if res.ok else (None, res.error)
 

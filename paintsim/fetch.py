@@ -72,6 +72,11 @@ class Politeness:
         self._next_slot = 0.0
         self.stop = stop or threading.Event()
 
+    def at_most_every(self, seconds: float) -> None:
+        """Never start two requests closer than ``seconds`` apart (a robots.txt Crawl-delay)."""
+        with self._lock:
+            self._interval = max(self._interval, seconds)
+
     def pause_all(self, seconds: float) -> None:
         with self._lock:
             self._resume_at = max(self._resume_at, time.monotonic() + seconds)
@@ -252,3 +257,48 @@ def fetch(session: requests.Session, url: str, config: FetchConfig,
     if last.attempts > 1:
         last.error += f" (after {last.attempts} attempts)"
     return last
+
+
+class RobotsRules:
+    """Each host's robots.txt, fetched once (with the same retries); NGA asks crawlers to follow it.
+
+    A missing robots.txt (HTTP 4xx) allows everything; one that cannot be had at all (5xx or no
+    connection after the retries) is logged and treated as allowing everything, so a flaky
+    robots.txt never stops a run. ``Crawl-delay`` slows every worker down accordingly.
+    """
+
+    AGENT = "paintsim"
+
+    def __init__(self, session: requests.Session, config: FetchConfig, politeness: Politeness,
+                 enabled: bool = True):
+        self.session, self.config, self.politeness, self.enabled = session, config, politeness, enabled
+        self._lock = threading.Lock()
+        self._hosts: dict[str, object] = {}
+
+    def _load(self, root: str):
+        from urllib.robotparser import RobotFileParser
+
+        res = fetch(self.session, f"{root}/robots.txt", self.config, self.politeness)
+        if not res.ok:
+            if res.http_status is None or res.http_status >= 500:
+                log.warning("%s/robots.txt could not be read (%s); going on as if it allowed everything",
+                            root, res.error)
+            return None
+        parser = RobotFileParser(f"{root}/robots.txt")
+        parser.parse((res.data or b"").decode("utf-8", "replace").splitlines())
+        delay = parser.crawl_delay(self.AGENT)
+        if delay:
+            log.info("%s/robots.txt asks for a Crawl-delay of %s s: obeyed", root, delay)
+            self.politeness.at_most_every(float(delay))
+        return parser
+
+    def allowed(self, url: str) -> bool:
+        if not self.enabled:
+            return True
+        parts = urlsplit(url)
+        root = f"{parts.scheme}://{parts.netloc}"
+        with self._lock:  # the first worker to reach a host reads its robots.txt; the others wait
+            if root not in self._hosts:
+                self._hosts[root] = self._load(root)
+            parser = self._hosts[root]
+        return parser is None or parser.can_fetch(self.AGENT, url)

@@ -126,7 +126,7 @@ def inspect_data(data_dir: str | os.PathLike[str], sheet_size: int = 24, seed: i
     else:
         log.warning("no readable images: no contact sheet drawn")
         report["contact_sheet"] = None
-    write_json_atomic(paths.root / INSPECTION_FILE, report)
+    write_json_atomic(paths.inspection, report)
     return report
 
 

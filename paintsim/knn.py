@@ -8,19 +8,19 @@ Every similarity route of paintsim goes through this module:
 * :func:`select_top_k` is the one tie-aware selection (descending score, ties to the lower
   index) shared by the streaming route and by ``extract_top_10.py`` reading the stored matrix.
 
-Exactness. The default CPU method ("auto") first scores every pair on int8-quantised vectors
-(``torch._int_mm``, exact int32 accumulation) and proves, per pair, by Cauchy-Schwarz, how far that
-approximation can be from the true cosine; every pair whose upper bound can still reach the row's
-k-th best lower bound is rescored in float32. The result is therefore exactly the float32 top-k
-(see docs/similarity.md for the bound); ``method="float32"`` computes every pair in float32.
-The GPU path uses the same code with torch tensors on CUDA (float32 scores, TF32 disabled).
+Exactness and speed. Every pair's cosine is one float32 dot product from a BLAS (CPU) or cuBLAS
+(GPU, TF32 off) matrix multiply, so the neighbours are exact up to float32 rounding. The default
+method ("symmetric") uses cos(i, j) = cos(j, i): it multiplies only the tiles on and above the
+diagonal (half of the 2*N*N*D flops) and feeds each tile to both its rows' and its columns'
+running top-k. Selection is cheap once a row has k candidates: only scores at or above the row's
+current k-th score (a per-row threshold, one vectorised comparison per tile) are merged.
+"dense" (every row block against all rows, then top-k) is kept as the plain reference.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 UNIT_NORM_TOL = 1e-3
 #: Memory the kernel may use for its score blocks when no budget is given (capped by what is free).
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
-METHODS = ("auto", "float32", "int8")
+METHODS = ("auto", "symmetric", "dense")
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -202,11 +202,17 @@ def select_top_k(scores, k: int, col_offset: int = 0, self_rows=None):
         tied = vals[:, kk - 1] == vals[:, kk]
         vals, pos = vals[:, :kk].contiguous(), pos[:, :kk].contiguous()
         if bool(tied.any()):
-            for r in torch.nonzero(tied).flatten().tolist():
-                # stable descending sort keeps equal scores in index order
-                order = torch.sort(scores[r], descending=True, stable=True).indices[:kk]
-                pos[r] = order
-                vals[r] = scores[r, order]
+            rows = torch.nonzero(tied).flatten()
+            sub = scores[rows]
+            kth = vals[rows, kk - 1 : kk]
+            above = sub > kth
+            eq = sub == kth
+            need = kk - above.sum(1, keepdim=True)
+            # the lowest-index members of the tie fill the remaining places
+            keep = above | (eq & (torch.cumsum(eq, 1, dtype=torch.int32) <= need))
+            cols = torch.nonzero(keep)[:, 1].reshape(len(rows), kk)
+            pos[rows] = cols
+            vals[rows] = torch.gather(sub, 1, cols)
     else:
         vals, pos = scores, torch.arange(c, device=scores.device).expand(b, c)
     vals, pos = _sort_desc_lower_index(vals, pos)
@@ -291,9 +297,9 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
 
     Returns ``(index int32 [N, k], score float32 [N, k])``, each row sorted by descending score,
     ties broken by the lower index, the row itself excluded when ``exclude_self``.
-    ``device``: ``cpu``, ``cuda`` or ``auto``. ``method``: ``auto`` (int8 candidate pass with a
-    proven error bound + float32 rescoring on the CPU, float32 on CUDA), ``float32`` or ``int8``
-    (both exact). ``block_size``: rows per block (default: from ``memory_budget`` / free memory).
+    ``device``: ``cpu``, ``cuda`` or ``auto``. ``method``: ``auto``/``symmetric`` (upper-triangle
+    tiles, half the flops) or ``dense`` (row blocks against all rows); both are exact in float32.
+    ``block_size``: rows per tile (default: from ``memory_budget`` and free memory).
     """
     features = validate_features(features)
     n = features.shape[0]
@@ -303,22 +309,12 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
     dev = _torch_device(device)
     if block_size is not None and block_size < 1:
         raise UserError(f"--block-size must be at least 1, got {block_size}")
-    use_int8 = method == "int8" or (method == "auto" and dev == "cpu" and _int8_worthwhile(features, k))
-    if use_int8:
-        from . import knn_int8
-
-        return knn_int8.top_k_int8(features, k, block_size=block_size, exclude_self=exclude_self,
-                                   progress=progress, memory_budget=memory_budget)
-    return _top_k_float32(features, k, dev, block_size, exclude_self, progress, memory_budget)
+    if method == "dense":
+        return _top_k_dense(features, k, dev, block_size, exclude_self, progress, memory_budget)
+    return _top_k_symmetric(features, k, dev, block_size, exclude_self, progress, memory_budget)
 
 
-def _int8_worthwhile(features: np.ndarray, k: int) -> bool:
-    """The int8 pass pays off only for large collections (it needs a quantised copy and a bound)."""
-    n, d = features.shape
-    return n >= 4096 and d >= 256 and k <= 256
-
-
-def _top_k_float32(features: np.ndarray, k: int, dev: str, block_size: int | None,
+def _top_k_dense(features: np.ndarray, k: int, dev: str, block_size: int | None,
                    exclude_self: bool, progress: bool, memory_budget: int | None):
     import torch
 
@@ -344,6 +340,90 @@ def _top_k_float32(features: np.ndarray, k: int, dev: str, block_size: int | Non
             out_val[r0:r1] = vals.cpu().numpy()
             bar.update(r1 - r0)
     return out_idx, out_val
+
+
+def _tile_shape(n: int, dev: str, block_size: int | None, memory_budget: int | None) -> tuple[int, int]:
+    """Rows and columns of one score tile: ~6 bytes per score (float32 + mask + scratch)."""
+    if block_size is not None:
+        rows = min(n, block_size)
+        return rows, min(n, max(rows, 2 * rows))
+    if memory_budget is None:
+        memory_budget = min(DEFAULT_MEMORY_BUDGET if dev == "cpu" else 4 * DEFAULT_MEMORY_BUDGET,
+                            available_memory() // 4)
+    cap = 2048 if dev == "cpu" else 8192   # CPU: tiles stay near the L3 cache; GPU: fill the device
+    rows = int(max(1, min(n, cap, math.isqrt(max(1, memory_budget // 12)))))
+    return rows, min(n, 2 * rows)
+
+
+def _merge_rows(vals, idx, row0: int, s, col0: int, k: int) -> int:
+    """Fold a score tile ``s`` [B, C] (rows ``row0..``, columns ``col0..``) into the running top-k.
+
+    Rows that do not yet hold k finite candidates take the tile's own top-k (dense); the others
+    only look at scores >= their current k-th score. Returns the number of scores merged.
+    """
+    import torch
+
+    b = s.shape[0]
+    theta = vals[row0:row0 + b, k - 1]
+    if bool(torch.isneginf(theta).any()):
+        v, i = select_top_k(s, k, col0)
+        nv, ni = merge_top_k(vals[row0:row0 + b], idx[row0:row0 + b], v, i, k)
+        vals[row0:row0 + b], idx[row0:row0 + b] = nv, ni
+        return b * v.shape[1]
+    r, c = torch.nonzero(s >= theta[:, None], as_tuple=True)
+    if r.numel() == 0:
+        return 0
+    v = s[r, c]
+    rows, counts = torch.unique_consecutive(r, return_counts=True)  # r is sorted (row-major)
+    u = rows.numel()
+    run_v, run_i = vals[row0 + rows], idx[row0 + rows]
+    seg = torch.cat([torch.arange(u, device=s.device).repeat_interleave(k),
+                     torch.repeat_interleave(torch.arange(u, device=s.device), counts)])
+    vv = torch.cat([run_v.reshape(-1), v])
+    ii = torch.cat([run_i.reshape(-1), c.to(torch.int64) + col0])
+    # order by (segment, -score, index) with three stable sorts, least significant key first
+    order = torch.argsort(ii, stable=True)
+    order = order[torch.argsort(vv[order], descending=True, stable=True)]
+    order = order[torch.argsort(seg[order], stable=True)]
+    seg_sorted = seg[order]
+    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=s.device),
+                                     (counts + k)[:-1]]), 0)
+    rank = torch.arange(order.numel(), device=s.device) - starts[seg_sorted]
+    keep = order[rank < k]
+    vals[row0 + rows] = vv[keep].reshape(u, k)
+    idx[row0 + rows] = ii[keep].reshape(u, k)
+    return int(r.numel())
+
+
+def _top_k_symmetric(features: np.ndarray, k: int, dev: str, block_size: int | None,
+                     exclude_self: bool, progress: bool, memory_budget: int | None):
+    """Upper-triangle tiles, each used for its rows and (transposed) for its columns."""
+    import torch
+
+    n = features.shape[0]
+    rows_t, cols_t = _tile_shape(n, dev, block_size, memory_budget)
+    scorer = _Scorer(features, dev)
+    vals = torch.full((n, k), -math.inf, dtype=torch.float32, device=dev)
+    idx = torch.full((n, k), n, dtype=torch.int64, device=dev)   # sentinel sorts after real rows
+    buf = np.empty((rows_t, cols_t), dtype=np.float32) if dev == "cpu" else None
+    total_pairs = n * (n + 1) // 2
+    with torch.inference_mode(), _progress(total_pairs, progress, "neighbours", unit="pair") as bar:
+        for r0 in range(0, n, rows_t):
+            r1 = min(n, r0 + rows_t)
+            for c0 in range(r0, n, cols_t):
+                c1 = min(n, c0 + cols_t)
+                s = scorer.scores(r0, r1, c0, c1, out=buf)
+                if exclude_self and c0 < r1:
+                    diag = torch.arange(c0, min(r1, c1), device=s.device)
+                    s[diag - r0, diag - c0] = -math.inf
+                _merge_rows(vals, idx, r0, s, c0, k)
+                if c1 > r1:
+                    # pairs (j, i) with j beyond this row block: the same scores, transposed
+                    first = max(r1, c0)
+                    _merge_rows(vals, idx, first, s[:, first - c0:].T, r0, k)
+                bar.update((r1 - r0) * (c1 - c0) - (((min(r1, c1) - c0) * (min(r1, c1) - c0 - 1)) // 2
+                                                    if c0 < r1 else 0))
+    return idx.cpu().numpy().astype(np.int32), vals.cpu().numpy()
 
 
 def search(queries: np.ndarray, features: np.ndarray, k: int, *,
@@ -408,4 +488,3 @@ __all__ = ["load_features", "validate_features", "validate_k", "top_k_neighbors"
            "select_top_k", "merge_top_k", "score_blocks", "auto_block_size", "parse_memory",
            "available_memory", "brute_force_float64", "UNIT_NORM_TOL", "METHODS"]
 
-_ = Path  # keep the import for type readers

@@ -205,7 +205,7 @@ def _download_cmd(data: Path, csv_dir: Path, *extra: str) -> list[str]:
 
 
 def test_killed_run_resumes_without_refetching_good_files(tmp_path, server):
-    server.delay = 0.03  # slow-ish: 79 images take ~1.2 s with 2 workers
+    server.delay = 0.06  # slow-ish: 79 images take ~2.4 s with 2 workers
     write_tables(tmp_path / "csv", server.base_url)
     data = tmp_path / "data"
     proc = subprocess.Popen(_download_cmd(data, tmp_path / "csv", "--workers", "2", "--checkpoint-every", "0.2"),
@@ -279,3 +279,13 @@ def test_sigterm_stops_cleanly_with_a_manifest_of_the_finished_images(tmp_path, 
     assert 10 <= len(m) < 79 and (m["status"] == "ok").all()
     assert sorted(m["file"].str.removeprefix("images/")) == files  # nothing half-written, nothing unlisted
     _assert_all_valid(data, m["uuid"])
+
+
+def test_robots_txt_is_obeyed_unless_told_otherwise(tmp_path, server):
+    server.files["/robots.txt"] = f"User-agent: *\nDisallow: /iiif/{UUIDS[1]}/\n".encode()
+    run_download(_opts(tmp_path, server, limit=4))
+    row = _manifest(tmp_path).loc[UUIDS[1]]
+    assert row["status"] == "failed" and row["error"] == f"disallowed by {server.base_url}/robots.txt"
+    assert server.requests[UUIDS[1]] == 0 and server.requests[UUIDS[2]] == 1
+    run_download(_opts(tmp_path, server, limit=4, respect_robots_txt=False))
+    assert _manifest(tmp_path).loc[UUIDS[1], "status"] == "ok" and server.requests[UUIDS[1]] == 1
