@@ -23,7 +23,6 @@ from .images import ImageDecodeError, open_image
 
 log = logging.getLogger(__name__)
 
-INSPECTION_FILE = "inspection.json"
 CONTACT_SHEET = "contact_sheet.png"
 
 
