@@ -549,9 +549,13 @@ def evaluate(data_dir: str, cfg: EvalConfig) -> Evaluation:
     report["neighbours_from"] = source
     sim, dists = similarity_section(paths, features, index, table_scores, cfg)
     report["similarity"] = sim
-    codes, label_names, label_info = load_labels(paths, names, cfg.label_column, cfg.labels_csv)
-    retrieval = retrieval_section(index, codes, label_names)
-    retrieval.update(label_info, label_column=cfg.label_column)
+    if paths.manifest.exists():
+        codes, label_names, label_info = load_labels(paths, names, cfg.label_column, cfg.labels_csv)
+        retrieval = retrieval_section(index, codes, label_names)
+        retrieval.update(label_info, label_column=cfg.label_column)
+    else:
+        retrieval = {"status": f"skipped: {paths.manifest.name} not present (labels come from it)",
+                     "label_column": cfg.label_column}
     report["retrieval"] = retrieval
     if cfg.skip_copies:
         report["copies"] = {"status": "skipped (--skip-copies)"}

@@ -35,6 +35,8 @@ UNIT_NORM_TOL = 1e-3
 #: Memory the kernel may use for its score blocks when no budget is given (capped by what is free).
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 METHODS = ("auto", "symmetric", "dense")
+#: candidates kept beyond k so that exact ties at the k-th place are settled in float64
+RERANK_SPARE = 3
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -259,7 +261,8 @@ class _Scorer:
 
         if self.device == "cpu":
             # numpy's BLAS sgemm is faster than torch's on the CPU (see docs/similarity.md)
-            buf = None if out is None else out[: r1 - r0, : c1 - c0]
+            # a contiguous view of the flat scratch buffer: BLAS writes it in place
+            buf = None if out is None else out.reshape(-1)[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
             res = np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
             return torch.from_numpy(res)
         return self.features[r0:r1] @ self.features[c0:c1].T
@@ -309,9 +312,37 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
     dev = _torch_device(device)
     if block_size is not None and block_size < 1:
         raise UserError(f"--block-size must be at least 1, got {block_size}")
+    # a few spare candidates let the float64 re-ranking settle exact ties at the k-th place
+    keep = min(k + RERANK_SPARE, n - 1 if exclude_self else n)
     if method == "dense":
-        return _top_k_dense(features, k, dev, block_size, exclude_self, progress, memory_budget)
-    return _top_k_symmetric(features, k, dev, block_size, exclude_self, progress, memory_budget)
+        idx, _ = _top_k_dense(features, keep, dev, block_size, exclude_self, progress, memory_budget)
+    else:
+        idx, _ = _top_k_symmetric(features, keep, dev, block_size, exclude_self, progress,
+                                  memory_budget)
+    return rerank_float64(features, features, idx, k)
+
+
+def rerank_float64(queries: np.ndarray, features: np.ndarray, index: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rescore each row's candidates in float64, sort (descending, ties to the lower index), keep k.
+
+    Identical vectors get bit-identical scores here (unlike in a blocked float32 matrix multiply,
+    whose rounding depends on where a pair falls in a tile), so exact duplicates are ordered by
+    index and the reported scores are the float64 cosines rounded once to float32.
+    """
+    n, kk = index.shape
+    chunk_rows = max(1, (32 * 2**20) // (8 * (kk + 1) * features.shape[1]))
+    out_i = np.empty((n, k), dtype=np.int32)
+    out_s = np.empty((n, k), dtype=np.float32)
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(n, r0 + chunk_rows)
+        cand = index[r0:r1]
+        rows = queries[r0:r1].astype(np.float64)
+        s = np.einsum("bd,bkd->bk", rows, features[cand].astype(np.float64), optimize=False)
+        order = np.lexsort((cand, -s), axis=1)[:, :k]
+        out_i[r0:r1] = np.take_along_axis(cand, order, 1)
+        out_s[r0:r1] = np.take_along_axis(s, order, 1)
+    return out_i, out_s
 
 
 def _top_k_dense(features: np.ndarray, k: int, dev: str, block_size: int | None,
@@ -355,44 +386,77 @@ def _tile_shape(n: int, dev: str, block_size: int | None, memory_budget: int | N
     return rows, min(n, 2 * rows)
 
 
-def _merge_rows(vals, idx, row0: int, s, col0: int, k: int) -> int:
-    """Fold a score tile ``s`` [B, C] (rows ``row0..``, columns ``col0..``) into the running top-k.
-
-    Rows that do not yet hold k finite candidates take the tile's own top-k (dense); the others
-    only look at scores >= their current k-th score. Returns the number of scores merged.
-    """
+def _merge_candidates(vals, idx, rows, cols, v, k: int) -> None:
+    """Fold candidate scores ``v`` of pairs (``rows``, ``cols``) (global ids) into the running top-k."""
     import torch
 
-    b = s.shape[0]
-    theta = vals[row0:row0 + b, k - 1]
-    if bool(torch.isneginf(theta).any()):
-        v, i = select_top_k(s, k, col0)
-        nv, ni = merge_top_k(vals[row0:row0 + b], idx[row0:row0 + b], v, i, k)
-        vals[row0:row0 + b], idx[row0:row0 + b] = nv, ni
-        return b * v.shape[1]
-    r, c = torch.nonzero(s >= theta[:, None], as_tuple=True)
-    if r.numel() == 0:
-        return 0
-    v = s[r, c]
-    rows, counts = torch.unique_consecutive(r, return_counts=True)  # r is sorted (row-major)
-    u = rows.numel()
-    run_v, run_i = vals[row0 + rows], idx[row0 + rows]
-    seg = torch.cat([torch.arange(u, device=s.device).repeat_interleave(k),
-                     torch.repeat_interleave(torch.arange(u, device=s.device), counts)])
-    vv = torch.cat([run_v.reshape(-1), v])
-    ii = torch.cat([run_i.reshape(-1), c.to(torch.int64) + col0])
+    dev = vals.device
+    urows, inv, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+    u = urows.numel()
+    seg = torch.cat([torch.arange(u, device=dev).repeat_interleave(k), inv])
+    vv = torch.cat([vals[urows].reshape(-1), v])
+    ii = torch.cat([idx[urows].reshape(-1), cols])
     # order by (segment, -score, index) with three stable sorts, least significant key first
     order = torch.argsort(ii, stable=True)
     order = order[torch.argsort(vv[order], descending=True, stable=True)]
     order = order[torch.argsort(seg[order], stable=True)]
-    seg_sorted = seg[order]
-    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=s.device),
+    starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
                                      (counts + k)[:-1]]), 0)
-    rank = torch.arange(order.numel(), device=s.device) - starts[seg_sorted]
+    rank = torch.arange(order.numel(), device=dev) - starts[seg[order]]
     keep = order[rank < k]
-    vals[row0 + rows] = vv[keep].reshape(u, k)
-    idx[row0 + rows] = ii[keep].reshape(u, k)
-    return int(r.numel())
+    vals[urows] = vv[keep].reshape(u, k)
+    idx[urows] = ii[keep].reshape(u, k)
+
+
+def _fold_tile(vals, idx, s, r0: int, c0: int, first_col: int, k: int) -> None:
+    """Fold a score tile ``s`` (rows ``r0..``, columns ``c0..``) into the running top-k.
+
+    Every score is offered to its row; scores of columns ``>= first_col`` are also offered to
+    that column's row (the transposed pair, same score). A score is merged only when it reaches
+    the current k-th score of the row it is offered to: one vectorised comparison per direction,
+    then a sort of the few survivors. Rows still holding fewer than k finite candidates (their
+    first tile) take a dense top-k of the tile instead.
+    """
+    import torch
+
+    b, c = s.shape
+    off = first_col - c0
+    nc = c - off if off < c else 0
+    rows_sl, cols_sl = slice(r0, r0 + b), slice(first_col, first_col + nc)
+    row_sparse = not bool(torch.isneginf(vals[rows_sl, k - 1]).any())
+    if not row_sparse:
+        v, i = select_top_k(s, k, c0)
+        vals[rows_sl], idx[rows_sl] = merge_top_k(vals[rows_sl], idx[rows_sl], v, i, k)
+    col_sparse = nc > 0 and not bool(torch.isneginf(vals[cols_sl, k - 1]).any())
+    if nc > 0 and not col_sparse:
+        v, i = select_top_k(s[:, off:].T.contiguous(), k, r0)
+        vals[cols_sl], idx[cols_sl] = merge_top_k(vals[cols_sl], idx[cols_sl], v, i, k)
+    if not (row_sparse or col_sparse):
+        return
+    theta_r = vals[rows_sl, k - 1]
+    theta_c = vals[cols_sl, k - 1]
+    if row_sparse:
+        mask = s >= theta_r[:, None]
+        if col_sparse:
+            mask[:, off:] |= s[:, off:] >= theta_c[None, :]
+        r, cc = torch.nonzero(mask, as_tuple=True)
+    else:
+        r, cc = torch.nonzero(s[:, off:] >= theta_c[None, :], as_tuple=True)
+        cc = cc + off
+    if r.numel() == 0:
+        return
+    v = s[r, cc]
+    to_row = v >= theta_r[r] if row_sparse else torch.zeros_like(v, dtype=torch.bool)
+    if col_sparse:
+        rel = cc - off
+        to_col = (rel >= 0) & (v >= theta_c[rel.clamp(min=0)])
+    else:
+        to_col = torch.zeros_like(v, dtype=torch.bool)
+    gr, gc = r + r0, cc + c0
+    rows = torch.cat([gr[to_row], gc[to_col]])
+    if rows.numel():
+        _merge_candidates(vals, idx, rows, torch.cat([gc[to_row], gr[to_col]]),
+                          torch.cat([v[to_row], v[to_col]]), k)
 
 
 def _top_k_symmetric(features: np.ndarray, k: int, dev: str, block_size: int | None,
@@ -416,11 +480,7 @@ def _top_k_symmetric(features: np.ndarray, k: int, dev: str, block_size: int | N
                 if exclude_self and c0 < r1:
                     diag = torch.arange(c0, min(r1, c1), device=s.device)
                     s[diag - r0, diag - c0] = -math.inf
-                _merge_rows(vals, idx, r0, s, c0, k)
-                if c1 > r1:
-                    # pairs (j, i) with j beyond this row block: the same scores, transposed
-                    first = max(r1, c0)
-                    _merge_rows(vals, idx, first, s[:, first - c0:].T, r0, k)
+                _fold_tile(vals, idx, s, r0, c0, max(r1, c0), k)
                 bar.update((r1 - r0) * (c1 - c0) - (((min(r1, c1) - c0) * (min(r1, c1) - c0 - 1)) // 2
                                                     if c0 < r1 else 0))
     return idx.cpu().numpy().astype(np.int32), vals.cpu().numpy()
@@ -440,7 +500,8 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
     q = validate_features(q, source="queries") if len(q) >= 2 else _validate_one_query(q)
     if q.shape[1] != features.shape[1]:
         raise UserError(f"queries have dimension {q.shape[1]} but features have {features.shape[1]}")
-    k = validate_k(k, features.shape[0], exclude_self=False)
+    k_out = validate_k(k, features.shape[0], exclude_self=False)
+    k = min(k_out + RERANK_SPARE, features.shape[0])
     dev = _torch_device(device)
     n = features.shape[0]
     scorer = _Scorer(features, dev)
@@ -460,7 +521,7 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
                 vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
             out_idx[r0:r1] = idx.cpu().numpy()
             out_val[r0:r1] = vals.cpu().numpy()
-    return out_idx, out_val
+    return rerank_float64(q, features, out_idx, k_out)
 
 
 def _validate_one_query(q: np.ndarray) -> np.ndarray:

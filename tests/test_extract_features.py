@@ -178,7 +178,7 @@ def test_letterbox_keeps_the_whole_painting():
 
 def test_cpu_fp16_and_bad_sizes_are_clear_errors(tmp_path):
     for kwargs, words in [({"precision": "fp16", "device": "cpu"}, "fp16 is for GPUs"),
-                          ({"batch_size": 0}, "--batch-size"),
+                          ({"batch_size": -1}, "--batch-size"),
                           ({"images_dir": str(tmp_path / "nope")}, "not a directory")]:
         cfg = ExtractConfig(data_dir=str(tmp_path), images_dir=str(SAMPLE_DIR / "images"),
                             backbone="mobilenet_v2", weights="none", progress=False)

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Stage 4: the full N x N cosine similarity matrix of features.npy, on disk in HDF5.
+
+Writes <data-dir>/similarity_scores.h5 (or --output): dataset `similarity` [N, N] (--dtype,
+float16 by default: half the disk, scores kept to about 3 decimals), chunked in bands of whole
+rows for row-block reads; dataset `image_names` (UTF-8) beside it; attributes saying what it was
+computed from (features SHA-256, shape, features_meta.json) and `complete`.
+
+Resumable: blocks are written into <output>.partial and recorded in <output>.progress.json only
+once flushed to disk; a rerun after a kill continues from the first unfinished block, and the
+file gets its final name only when complete. A rerun over the same features does nothing.
+Free disk space is checked before starting. You need this file only to read every score: the
+neighbour table comes faster from optimized_similarity.py, which needs no matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from paintsim.artifacts import DataPaths
+from paintsim.cli import add_device_arg, make_parser, resolve_device, run_main
+from paintsim.knn import load_features, parse_memory
+from paintsim.matrix import DTYPES, write_matrix
+
+log = logging.getLogger("paintsim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser(__doc__, prog="compute_similarity.py")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="stored score type: float16 (N*N*2 bytes) or float32 (N*N*4 bytes)")
+    p.add_argument("--output", default=None,
+                   help="matrix file (default: <data-dir>/similarity_scores.h5)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="rows computed and written per block, the unit of resumption "
+                        "(default: from --memory-budget)")
+    p.add_argument("--memory-budget", type=parse_memory, default=None,
+                   help="memory for one block of scores, e.g. 512M or 2G (default: 512 MiB, at most "
+                        "a quarter of the memory available)")
+    add_device_arg(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = DataPaths.of(args.data_dir)
+    features, names, meta = load_features(args.data_dir)
+    device = resolve_device(args.device)
+    out = Path(args.output) if args.output else paths.similarity
+    s = write_matrix(features, names, meta, out, dtype=args.dtype, block_size=args.block_size,
+                     device=device, progress=not args.no_progress, source=str(paths.features),
+                     memory_budget=args.memory_budget)
+    n = features.shape[0]
+    if s["status"] == "complete":
+        print(f"similarity matrix: {out} already complete for these features ({n} x {n}, {args.dtype})")
+    else:
+        mb = s["rows"] * n * (2 if args.dtype == "float16" else 4) / 2**20
+        rate = f", {s['rows'] / s['seconds']:.0f} rows/s, {mb / s['seconds']:.1f} MB/s" if s["seconds"] else ""
+        print(f"similarity matrix: {n} x {n} {args.dtype} -> {out} ({s['bytes'] / 2**20:.1f} MiB); "
+              f"{s['status']} {s['rows']} rows in {s['seconds']:.1f} s on {device}{rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))
