@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision: auto = bf16 (fp16 where bf16 is unsupported) on CUDA, "
                         "fp32 on the CPU")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
-                   help="channels_last memory format (default None = on, for CUDA and the CPU alike: it measured "
-                        "1.1-2x faster on this CPU)")
+                   help="channels_last memory format (default None = on, for CUDA and the CPU alike: up to "
+                        "1.8x faster on the CPU, see docs/features.md)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch compute threads on the CPU (0: one per CPU core)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,

@@ -21,13 +21,12 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -162,7 +161,7 @@ class Embedder:
         self.device = torch.device(device)
         self.precision = precision
         # channels_last: on for CUDA (tensor cores) and on the CPU (oneDNN's fast path: measured
-        # 1.1-2x over contiguous NCHW on this machine, see docs/features.md)
+        # up to 1.8x over contiguous NCHW on the benchmark CPU, see docs/features.md)
         self.channels_last = True if channels_last is None else bool(channels_last)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()

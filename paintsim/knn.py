@@ -37,6 +37,9 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 METHODS = ("auto", "symmetric", "dense")
 #: candidates kept beyond k so that exact ties at the k-th place are settled in float64
 RERANK_SPARE = 3
+#: float32 scores closer than this are re-ranked in float64 (float32 rounding of a 2048-d unit
+#: dot product is ~1e-7; exact duplicates differ only by that rounding)
+NEAR_TIE = 1e-5
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -64,12 +67,12 @@ def validate_features(features: np.ndarray, names: np.ndarray | None = None,
         raise UserError(f"{source}: need at least 2 rows and 1 column to find neighbours, "
                         f"got shape {arr.shape}")
     nonfinite, zero, off = [], [], []
-    chunk = max(1, (64 * 2**20) // (8 * d))
+    chunk = max(1, (32 * 2**20) // (4 * d))
     for start in range(0, n, chunk):
-        block = np.asarray(arr[start:start + chunk], dtype=np.float64)
+        block = np.asarray(arr[start:start + chunk])
         finite = np.isfinite(block).all(axis=1)
-        norms = np.sqrt(np.einsum("ij,ij->i", np.where(np.isfinite(block), block, 0.0),
-                                  np.where(np.isfinite(block), block, 0.0)))
+        safe = block if finite.all() else np.where(np.isfinite(block), block, 0)
+        norms = np.sqrt(np.einsum("ij,ij->i", safe, safe, dtype=np.float64))
         rows = np.arange(start, start + len(block))
         nonfinite.append(rows[~finite])
         zero.append(rows[finite & (norms == 0)])
@@ -315,11 +318,27 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
     # a few spare candidates let the float64 re-ranking settle exact ties at the k-th place
     keep = min(k + RERANK_SPARE, n - 1 if exclude_self else n)
     if method == "dense":
-        idx, _ = _top_k_dense(features, keep, dev, block_size, exclude_self, progress, memory_budget)
+        idx, vals = _top_k_dense(features, keep, dev, block_size, exclude_self, progress, memory_budget)
     else:
-        idx, _ = _top_k_symmetric(features, keep, dev, block_size, exclude_self, progress,
-                                  memory_budget)
-    return rerank_float64(features, features, idx, k)
+        idx, vals = _top_k_symmetric(features, keep, dev, block_size, exclude_self, progress,
+                                     memory_budget)
+    return settle_near_ties(features, features, idx, vals, k)
+
+
+def settle_near_ties(queries: np.ndarray, features: np.ndarray, index: np.ndarray,
+                     score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first ``k`` of each sorted candidate row, re-ranking in float64 the rows in which
+    two candidates (the spare ones included) score within ``NEAR_TIE`` of each other."""
+    near = np.zeros(len(index), dtype=bool)
+    if index.shape[1] > 1:
+        near = (score[:, :-1] - score[:, 1:] < NEAR_TIE).any(axis=1)
+    out_i = np.ascontiguousarray(index[:, :k], dtype=np.int32)
+    out_s = np.ascontiguousarray(score[:, :k], dtype=np.float32)
+    rows = np.flatnonzero(near)
+    if len(rows):
+        ri, rs = rerank_float64(queries[rows], features, index[rows], k)
+        out_i[rows], out_s[rows] = ri, rs
+    return out_i, out_s
 
 
 def rerank_float64(queries: np.ndarray, features: np.ndarray, index: np.ndarray,
@@ -396,10 +415,13 @@ def _merge_candidates(vals, idx, rows, cols, v, k: int) -> None:
     seg = torch.cat([torch.arange(u, device=dev).repeat_interleave(k), inv])
     vv = torch.cat([vals[urows].reshape(-1), v])
     ii = torch.cat([idx[urows].reshape(-1), cols])
-    # order by (segment, -score, index) with three stable sorts, least significant key first
+    # order by (segment, -score, index): sort by index, then stably by one int64 key holding the
+    # segment (high bits) and the score mapped to an order-reversing integer (low 32 bits)
     order = torch.argsort(ii, stable=True)
-    order = order[torch.argsort(vv[order], descending=True, stable=True)]
-    order = order[torch.argsort(seg[order], stable=True)]
+    bits = (vv[order] + 0.0).view(torch.int32).to(torch.int64)   # + 0.0 turns -0.0 into 0.0
+    mono = torch.where(bits >= 0, bits, (-2**31 - 1) - bits)   # float order -> int order
+    key = (seg[order] << 32) + ((2**31 - 1) - mono)
+    order = order[torch.argsort(key, stable=True)]
     starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
                                      (counts + k)[:-1]]), 0)
     rank = torch.arange(order.numel(), device=dev) - starts[seg[order]]
@@ -435,13 +457,14 @@ def _fold_tile(vals, idx, s, r0: int, c0: int, first_col: int, k: int) -> None:
         return
     theta_r = vals[rows_sl, k - 1]
     theta_c = vals[cols_sl, k - 1]
-    if row_sparse:
-        mask = s >= theta_r[:, None]
-        if col_sparse:
-            mask[:, off:] |= s[:, off:] >= theta_c[None, :]
-        r, cc = torch.nonzero(mask, as_tuple=True)
+    # one comparison pass: a score can matter only if it reaches its row's threshold or the
+    # lowest threshold of the tile's columns; survivors are then checked exactly
+    if row_sparse and col_sparse:
+        r, cc = torch.nonzero(s >= torch.minimum(theta_r, theta_c.min())[:, None], as_tuple=True)
+    elif row_sparse:
+        r, cc = torch.nonzero(s >= theta_r[:, None], as_tuple=True)
     else:
-        r, cc = torch.nonzero(s[:, off:] >= theta_c[None, :], as_tuple=True)
+        r, cc = torch.nonzero(s[:, off:] >= theta_c.min(), as_tuple=True)
         cc = cc + off
     if r.numel() == 0:
         return
@@ -521,7 +544,7 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
                 vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
             out_idx[r0:r1] = idx.cpu().numpy()
             out_val[r0:r1] = vals.cpu().numpy()
-    return rerank_float64(q, features, out_idx, k_out)
+    return settle_near_ties(q, features, out_idx, out_val, k_out)
 
 
 def _validate_one_query(q: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from PIL import Image
 
 from helpers import REPO, SAMPLE_DIR, run_script
 from paintsim import artifacts
-from paintsim.artifacts import DataPaths
 from paintsim.cli import UserError
 from paintsim.extract import Embedder, ExtractConfig, Preprocessing, extract_features
 from paintsim.images import load_rgb
