@@ -11,7 +11,7 @@
 #   --force       rerun stages 4-8 even when their outputs are newer than their inputs
 # Environment:
 #   PYTHON (default python3), DATA_DIR (default data), DEVICE (auto), BACKBONE (mobilenet_v2 with
-#   --sample, else resnet50), LIMIT (only the first N paintings: --limit of download_images.py),
+#   --sample, else resnet50), LIMIT (only the first N >= 11 paintings: download_images.py --limit),
 #   NO_PROGRESS=1 (hide progress bars), QUERY (the painting shown by stage 7, default row 0).
 #
 # Stages 1-3 resume and skip by themselves (valid images are not fetched again, embedded images are
@@ -42,6 +42,7 @@ COMMON=(--data-dir "$DATA_DIR")
 LIMIT_ARGS=()
 if [[ -n "${LIMIT:-}" ]]; then
   [[ "$LIMIT" =~ ^[0-9]+$ ]] || { echo "run_pipeline.sh: LIMIT must be a whole number, got '$LIMIT'" >&2; exit 2; }
+  (( LIMIT >= 11 )) || { echo "run_pipeline.sh: LIMIT must be at least 11 (the stages find 10 neighbours per painting)" >&2; exit 2; }
   LIMIT_ARGS=(--limit "$LIMIT")
 fi
 

@@ -457,14 +457,13 @@ def _fold_tile(vals, idx, s, r0: int, c0: int, first_col: int, k: int) -> None:
         return
     theta_r = vals[rows_sl, k - 1]
     theta_c = vals[cols_sl, k - 1]
-    # one comparison pass: a score can matter only if it reaches its row's threshold or the
-    # lowest threshold of the tile's columns; survivors are then checked exactly
-    if row_sparse and col_sparse:
-        r, cc = torch.nonzero(s >= torch.minimum(theta_r, theta_c.min())[:, None], as_tuple=True)
-    elif row_sparse:
-        r, cc = torch.nonzero(s >= theta_r[:, None], as_tuple=True)
+    if row_sparse:
+        mask = s >= theta_r[:, None]
+        if col_sparse:
+            mask[:, off:] |= s[:, off:] >= theta_c[None, :]
+        r, cc = torch.nonzero(mask, as_tuple=True)
     else:
-        r, cc = torch.nonzero(s[:, off:] >= theta_c.min(), as_tuple=True)
+        r, cc = torch.nonzero(s[:, off:] >= theta_c[None, :], as_tuple=True)
         cc = cc + off
     if r.numel() == 0:
         return

@@ -80,3 +80,5 @@ def test_bad_limit_stops_before_any_stage(tmp_path):
     proc = run_pipeline(tmp_path / "x", "--sample", LIMIT="twelve")
     assert proc.returncode == 2 and "LIMIT must be a whole number" in proc.stderr
     assert not (tmp_path / "x").exists()
+    proc = run_pipeline(tmp_path / "x", "--sample", LIMIT="5")
+    assert proc.returncode == 2 and "at least 11" in proc.stderr

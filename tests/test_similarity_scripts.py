@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_rerun_skips_a_complete_matrix_and_redoes_it_for_new_features(tmp_path):
 
 
 def test_kill_9_mid_run_then_rerun_gives_the_identical_file(tmp_path):
-    n = 1500
+    n = 450
     make_data_dir(tmp_path / "a", n, 16, seed=7, meta={"backbone": "x"})
     make_data_dir(tmp_path / "b", n, 16, seed=7, meta={"backbone": "x"})
     args = ["--block-size", "1", "--no-progress"]
@@ -116,7 +117,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_file(tmp_path):
                 done = json.loads(state.read_text())["rows_done"]
             except (FileNotFoundError, ValueError, KeyError):
                 done = 0
-            if done >= 200:
+            if done >= 80:
                 break
             assert proc.poll() is None, "finished before it could be killed: use more rows"
             time.sleep(0.02)
@@ -125,7 +126,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_file(tmp_path):
         proc.wait()
     assert not matrix.exists() and partial.exists(), "an unfinished matrix must not get the final name"
     killed_at = json.loads(state.read_text())["rows_done"]
-    assert 200 <= killed_at < n
+    assert 80 <= killed_at < n
 
     bad = run_script("extract_top_10.py", "--data-dir", tmp_path / "a", check=False)
     assert bad.returncode == 2 and "unfinished run" in bad.stderr
@@ -151,7 +152,8 @@ def test_not_enough_disk_space_stops_before_writing(tmp_path):
     np.save(tmp_path / "image_names.npy", np.array([f"{i}.jpg" for i in range(n)]))
     proc = run_script("compute_similarity.py", "--data-dir", tmp_path, check=False)
     assert proc.returncode == 2
-    assert "not enough disk space" in proc.stderr and "2048.00 GiB" in proc.stderr
+    assert "not enough disk space" in proc.stderr
+    assert re.search(r"needs 2048\.\d\d GiB .* has only [\d.]+ GiB free", proc.stderr), proc.stderr
     assert not list(tmp_path.glob("similarity_scores*"))
 
 
