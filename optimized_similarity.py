@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbour table to write (default: <data-dir>/top_{k}_similar.npy)")
     p.add_argument("--block-size", type=int, default=None,
                    help="rows per tile (a tile is block x 2*block scores); default: from "
-                        "--memory-budget, at most 2048 on the CPU and 8192 on CUDA")
+                        "--memory-budget, at most 4096 on the CPU and 8192 on CUDA")
     p.add_argument("--memory-budget", type=parse_memory, default=None,
                    help="memory for one tile of scores and its scratch, e.g. 256M or 2G (default: "
                         "512 MiB on the CPU, 2 GiB on CUDA, at most a quarter of the memory available)")
