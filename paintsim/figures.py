@@ -189,6 +189,11 @@ def similarity_histogram(distributions: dict[str, "np.ndarray"], output: str | o
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=8, loc="upper left")
+    return _finish_chart(fig, ax, title, output, show)
+
+
+def _finish_chart(fig, ax, title: str | None, output: str | os.PathLike[str], show: bool) -> Path:
+    """Title, margins, save (atomically) and optionally show a one-axes chart."""
     if title:
         ax.set_title(title, fontsize=10)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.9)
@@ -218,10 +223,4 @@ def metric_bars(groups: dict[str, dict[str, float]], output: str | os.PathLike[s
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.08)
     ax.legend(fontsize=8, ncols=min(4, len(metrics)))
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.9)
-    out = save_figure(fig, output)
-    if show:
-        show_png(out)
-    return out
+    return _finish_chart(fig, ax, title, output, show)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -253,7 +254,10 @@ class _Scorer:
         self.n, self.d = features.shape
         self.features_np = features
         if device == "cpu":
-            self.features = torch.from_numpy(features)
+            # features may be a read-only memory map; the kernel only ever reads this tensor
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self.features = torch.from_numpy(features)
         else:
             torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
             self.features = torch.from_numpy(features).to(device)
