@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage 8: judge the embeddings - one report (<data-dir>/evaluation.json), a summary table, plots.
 
-Sections (definitions in docs/evaluation.md):
+Sections (definitions in the README's evaluation section):
   similarity  intra (mean similarity of each painting to its top-k neighbours) vs inter (mean
               similarity of --pairs random pairs), both from features.npy; checked against
               similarity_scores.h5 when that exists; histogram and separation (AUC, d').

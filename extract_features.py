@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed every file of this folder instead of the manifest's images")
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per forward pass; 0 = auto: 8 on the CPU (smaller batches stay in "
-                        "cache and measured fastest, see docs/features.md), 64 on CUDA")
+                        "cache and measured fastest, see the README, Stage 3), 64 on CUDA")
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader processes decoding and resizing images (0: in the main process); "
                         "-1 = auto: 1 on the CPU, min(8, CPU cores) on CUDA")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32 on the CPU")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="channels_last memory format (default None = on, for CUDA and the CPU alike: up to "
-                        "1.8x faster on the CPU, see docs/features.md)")
+                        "1.8x faster on the CPU, see the README, Stage 3)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch compute threads on the CPU (0: one per CPU core)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,

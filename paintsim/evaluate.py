@@ -47,7 +47,7 @@ BLOCK_VALUES = 1 << 25
 
 @dataclass
 class EvalConfig:
-    """Every knob of the evaluation; its defaults are the documented ones (docs/evaluation.md)."""
+    """Every knob of the evaluation; its defaults are the documented ones (the README's evaluation section)."""
 
     k: int = 10
     n_pairs: int = 100_000
@@ -607,7 +607,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def summary_table(report: dict) -> str:
-    """A plain-text table of the headline numbers (also pasted into docs/evaluation.md)."""
+    """A plain-text table of the headline numbers (also pasted into the README's evaluation section)."""
     lines: list[str] = []
     meta = report.get("features_meta", {})
     lines.append(f"evaluation of {report['data_dir']}: {report['n_images']:,} images, D={report['dim']}"

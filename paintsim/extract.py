@@ -44,7 +44,7 @@ PREPROCESS_MODES = ("center-crop", "letterbox")
 #: Default number of images per progress chunk (rounded up to whole batches).
 DEFAULT_CHUNK_SIZE = 512
 #: Auto batch sizes: on the CPU small batches keep activations in cache (measured fastest at 4-8,
-#: see docs/features.md); a GPU wants large ones.
+#: see the README, Stage 3); a GPU wants large ones.
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 64
 META_VERSION = 1
@@ -161,7 +161,7 @@ class Embedder:
         self.device = torch.device(device)
         self.precision = precision
         # channels_last: on for CUDA (tensor cores) and on the CPU (oneDNN's fast path: measured
-        # up to 1.8x over contiguous NCHW on the benchmark CPU, see docs/features.md)
+        # up to 1.8x over contiguous NCHW on the benchmark CPU, see the README, Stage 3)
         self.channels_last = True if channels_last is None else bool(channels_last)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()

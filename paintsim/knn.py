@@ -267,7 +267,7 @@ class _Scorer:
         import torch
 
         if self.device == "cpu":
-            # numpy's BLAS sgemm is faster than torch's on the CPU (see docs/similarity.md)
+            # numpy's BLAS sgemm is faster than torch's on the CPU (see the README, Similarity)
             # a contiguous view of the flat scratch buffer: BLAS writes it in place
             buf = None if out is None else out.reshape(-1)[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
             res = np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
@@ -405,7 +405,7 @@ def _tile_shape(n: int, dev: str, block_size: int | None, memory_budget: int | N
         memory_budget = min(DEFAULT_MEMORY_BUDGET if dev == "cpu" else 4 * DEFAULT_MEMORY_BUDGET,
                             available_memory() // 4)
     # CPU: 4096 x 8192 tiles measured 13% faster than 2048 x 4096 at N = 50,000 (fewer merges
-    # per flop; docs/similarity.md); GPU: large tiles to fill the device
+    # per flop; the README, Similarity); GPU: large tiles to fill the device
     cap = 4096 if dev == "cpu" else 8192
     rows = int(max(1, min(n, cap, math.isqrt(max(1, memory_budget // 24)))))  # rows x 2 rows tile
     return rows, min(n, 2 * rows)
