@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _OBJECTID_RE = re.compile(r"^[0-9]{1,12}$")
 
 
@@ -25,7 +25,7 @@ def check_uuid(value: str) -> str:
     is accepted: no braces, no ``urn:`` prefix, nothing that could hold a path separator.
     """
     text = str(value).strip()
-    if not _UUID_RE.match(text):
+    if not UUID_RE.match(text):
         raise BadRowError(f"uuid {value!r} is not a UUID")
     return text.lower()
 

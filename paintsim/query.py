@@ -19,10 +19,10 @@ import numpy as np
 
 from .artifacts import DataPaths, load_neighbors, load_npy, read_json, read_manifest
 from .cli import UserError
+from .iiif import UUID_RE
 
 log = logging.getLogger(__name__)
 
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 #: Largest body fetched for ``--image URL`` (a painting photo is a few MB; this stops a runaway).
 MAX_URL_BYTES = 50 * 1024 * 1024
