@@ -3,7 +3,7 @@
 
 1,000 images of ~512 px (the embedded sample's real paintings, upscaled to 512 px and JPEG-encoded
 at quality 90, like NGA's ``!512,512`` answers), served by tests/iiif_server.py in its own process.
-For 1 and 16 workers it runs the real stage (fetch + bounded full decode + atomic write + manifest)
+For 1 and 16 workers it runs the real stage (fetch + bounded whole-file check + atomic write + manifest)
 and, side by side, a peer: a bare ``requests`` loop that only GETs the bytes (no decode, no write),
 i.e. the ceiling any Python client on this server could reach. Reports images/s, client
 CPU-seconds per image, and the ratio to the peer.

@@ -3,7 +3,7 @@
 One row of the manifest per selected image, each with a ``status`` (ok / failed) and an ``error``.
 An image lands in ``images/<uuid>.jpg`` only after its bytes decode (bounded) as a JPEG, through a
 temp file + rename, so a file under its final name is always whole. A rerun checks the files that
-are there (full decode) and skips the valid ones, fetches partial/corrupt/missing ones again and
+are there (whole-file check) and skips the valid ones, fetches partial/corrupt/missing ones again and
 retries earlier failures. The manifest is rewritten atomically every ``checkpoint_every`` seconds
 and at the end, so a killed run loses little; a full disk stops the run cleanly.
 """
@@ -27,7 +27,7 @@ from .artifacts import MANIFEST_COLUMNS, DataPaths, atomic_path, read_manifest, 
 from .cli import UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
-from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, open_image
+from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, verify_image
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,14 @@ def _disk_full_message(path: Path, exc: OSError) -> str:
 
 def check_image_file(path: Path) -> tuple[int, int, int]:
     """(width, height, bytes) of a whole, decodable JPEG; :class:`ImageDecodeError` otherwise."""
-    img = open_image(path)
-    if img.format != "JPEG":
-        raise ImageDecodeError(f"{path}: is {img.format}, not a JPEG")
-    return img.width, img.height, path.stat().st_size
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot be read ({exc})") from exc
+    info = verify_image(data, source=str(path))
+    if info.format != "JPEG":
+        raise ImageDecodeError(f"{path}: is {info.format}, not a JPEG")
+    return info.width, info.height, len(data)
 
 
 def _index_dir(directory: Path) -> dict[str, Path]:
@@ -222,10 +226,11 @@ class Downloader:
         data, error = self._obtain(item)
         if data is not None:
             try:
-                img = decode_image(data, source=item.url)
-                if img.format != "JPEG":
+                info = verify_image(data, source=item.url)
+                if info.format != "JPEG":
                     if self.local is None:
-                        raise ImageDecodeError(f"expected a JPEG, got {img.format}")
+                        raise ImageDecodeError(f"expected a JPEG, got {info.format}")
+                    img = decode_image(data, source=item.url)
                     buf = io.BytesIO()
                     (img if img.mode in ("RGB", "L") else img.convert("RGB")).save(buf, "JPEG", quality=95)
                     data = buf.getvalue()
@@ -233,7 +238,7 @@ class Downloader:
                 with self.bytes_lock:
                     self.bytes_written += len(data)
                 action = "copied" if self.local is not None else "fetched"
-                return action, dict(status="ok", error="", file=rel, width=img.width, height=img.height,
+                return action, dict(status="ok", error="", file=rel, width=info.width, height=info.height,
                                     bytes=len(data))
             except ImageDecodeError as exc:
                 error = str(exc).replace(f"{item.url}: ", "")
