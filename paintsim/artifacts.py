@@ -96,6 +96,18 @@ class DataPaths:
     def neighbors(self, k: int = 10) -> Path:
         return self.root / f"top_{k}_similar.npy"
 
+    def images_source(self, meta: dict | None) -> Path:
+        """The folder holding the images behind ``image_names.npy``.
+
+        ``images/`` for a collection embedded from the manifest; the folder recorded in
+        ``features_meta.json`` (``source = "images-dir:<path>"``) for one embedded with
+        ``extract_features.py --images-dir``. Callers join it with a name's basename only.
+        """
+        source = str((meta or {}).get("source", ""))
+        if source.startswith("images-dir:"):
+            return Path(source[len("images-dir:"):])
+        return self.images_dir
+
     # stage 8: evaluation
     @property
     def evaluation(self) -> Path:

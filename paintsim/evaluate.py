@@ -375,7 +375,9 @@ def copies_section(paths: DataPaths, features: np.ndarray, names: np.ndarray, cf
     from .cli import resolve_device
 
     device = resolve_device(cfg.device)
-    embedder = Embedder.from_meta(read_json(paths.features_meta), device=device, weights=cfg.weights)
+    meta = read_json(paths.features_meta)
+    image_dir = paths.images_source(meta)
+    embedder = Embedder.from_meta(meta, device=device, weights=cfg.weights)
     originals, copies, owners, kind_of, unreadable = [], [], [], [], []
     reembedded: list[np.ndarray] = []
     pending: list = []
@@ -396,7 +398,7 @@ def copies_section(paths: DataPaths, features: np.ndarray, names: np.ndarray, cf
         pending_tags.clear()
 
     for row in _tqdm(sample, desc="perturbed copies", unit="painting", disable=not cfg.progress):
-        path = paths.images_dir / Path(str(names[row])).name
+        path = image_dir / Path(str(names[row])).name
         try:
             img = load_rgb(path)
         except ImageDecodeError as exc:
@@ -462,7 +464,7 @@ def copies_section(paths: DataPaths, features: np.ndarray, names: np.ndarray, cf
 
 # --------------------------------------------------------------------------- section 4
 
-def _grey(paths: DataPaths, names: np.ndarray, row: int, size: int, cache: dict) -> np.ndarray | None:
+def _grey(image_dir: Path, names: np.ndarray, row: int, size: int, cache: dict) -> np.ndarray | None:
     if row in cache:
         return cache[row]
     from PIL import Image
@@ -470,7 +472,7 @@ def _grey(paths: DataPaths, names: np.ndarray, row: int, size: int, cache: dict)
     from .images import ImageDecodeError, open_image
 
     try:
-        img = open_image(paths.images_dir / Path(str(names[row])).name)
+        img = open_image(image_dir / Path(str(names[row])).name)
         arr = np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
     except ImageDecodeError:
         arr = None
@@ -487,10 +489,11 @@ def pixel_section(paths: DataPaths, names: np.ndarray, index: np.ndarray, nb_sim
     rng = np.random.default_rng(cfg.seed + 2)
     sample = np.sort(rng.choice(n, size=min(cfg.pixel_sample, n), replace=False))
     cache: dict = {}
+    image_dir = paths.images_source(read_json(paths.features_meta) if paths.features_meta.exists() else None)
     res = {"neighbours": {"ssim": [], "rmse": [], "score": []}, "random": {"ssim": [], "rmse": []}}
     skipped = 0
     for q in _tqdm(sample, desc="pixel baselines", unit="query", disable=not cfg.progress):
-        a = _grey(paths, names, int(q), cfg.pixel_size, cache)
+        a = _grey(image_dir, names, int(q), cfg.pixel_size, cache)
         if a is None:
             skipped += 1
             continue
@@ -498,7 +501,7 @@ def pixel_section(paths: DataPaths, names: np.ndarray, index: np.ndarray, nb_sim
         rand += rand >= q
         for group, rows in (("neighbours", index[q]), ("random", rand)):
             for r_i, r in enumerate(rows):
-                b = _grey(paths, names, int(r), cfg.pixel_size, cache)
+                b = _grey(image_dir, names, int(r), cfg.pixel_size, cache)
                 if b is None:
                     skipped += 1
                     continue

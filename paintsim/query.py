@@ -41,6 +41,7 @@ class Collection:
     features: np.ndarray  # memory-mapped float32 [N, D]
     _manifest: Any = field(default=None, repr=False)
     _manifest_loaded: bool = field(default=False, repr=False)
+    _image_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str]) -> "Collection":
@@ -83,9 +84,12 @@ class Collection:
         return out
 
     def image_path(self, row: int) -> Path:
-        """The image of a row, always inside ``images/`` (a manifest field never becomes a path)."""
-        name = Path(str(self.names[row])).name
-        return self.paths.images_dir / name
+        """The image of a row: its basename inside ``images/`` (or the ``--images-dir`` recorded in
+        ``features_meta.json``); a manifest field never becomes a path."""
+        if self._image_dir is None:
+            meta = read_json(self.paths.features_meta) if self.paths.features_meta.exists() else None
+            self._image_dir = self.paths.images_source(meta)
+        return self._image_dir / Path(str(self.names[row])).name
 
 
 # --------------------------------------------------------------------------- resolving --query
