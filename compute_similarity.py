@@ -15,16 +15,11 @@ neighbour table comes faster from optimized_similarity.py, which needs no matrix
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from paintsim.artifacts import DataPaths
-from paintsim.cli import add_device_arg, make_parser, resolve_device, run_main
-from paintsim.knn import load_features, parse_memory
-from paintsim.matrix import DTYPES, write_matrix
-
-log = logging.getLogger("paintsim")
+from paintsim.cli import add_device_arg, int_range, make_parser, memory_size, run_main
+from paintsim.matrix import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored score type: float16 (N*N*2 bytes) or float32 (N*N*4 bytes)")
     p.add_argument("--output", default=None,
                    help="matrix file (default: <data-dir>/similarity_scores.h5)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block-size", type=int_range(1), default=None,
                    help="rows computed and written per block, the unit of resumption "
                         "(default: from --memory-budget)")
-    p.add_argument("--memory-budget", type=parse_memory, default=None,
+    p.add_argument("--memory-budget", type=memory_size, default=None,
                    help="memory for one block of scores, e.g. 512M or 2G (default: 512 MiB, at most "
                         "a quarter of the memory available)")
     add_device_arg(p)
@@ -44,14 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    paths = DataPaths.of(args.data_dir)
-    features, names, meta = load_features(args.data_dir)
+    from paintsim.devices import resolve_device
+    from paintsim.embeddings import Embeddings
+    from paintsim.matrix import write_matrix
+
+    emb = Embeddings.load(args.data_dir, mmap=False)
     device = resolve_device(args.device)
-    out = Path(args.output) if args.output else paths.similarity
-    s = write_matrix(features, names, meta, out, dtype=args.dtype, block_size=args.block_size,
-                     device=device, progress=not args.no_progress, source=str(paths.features),
-                     memory_budget=args.memory_budget)
-    n = features.shape[0]
+    out = Path(args.output) if args.output else emb.paths.similarity
+    s = write_matrix(emb, out, dtype=args.dtype, block_size=args.block_size, device=device,
+                     progress=not args.no_progress, memory_budget=args.memory_budget)
+    n = len(emb)
     if s["status"] == "complete":
         print(f"similarity matrix: {out} already complete for these features ({n} x {n}, {args.dtype})")
     else:

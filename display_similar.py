@@ -5,8 +5,9 @@ The query is a painting of the collection (--query: a row index, an image file n
 uuid or an NGA objectid; prefix row:, file:, uuid: or objectid: to be explicit), a seeded random
 painting (--random --seed S), or an image from outside the collection (--image PATH_OR_URL), which
 is embedded with the backbone, weights and preprocessing recorded in features_meta.json.
-Neighbours come from the neighbour table (top_<k>_similar.npy) when present, else from an exact
-search of features.npy. Each neighbour is captioned with title, artist, date and score.
+Neighbours come from the neighbour table the one lookup finds (top_<k>_similar.npy first, see
+docs/stages.md), else from an exact search of features.npy; the figure names which. Each
+neighbour is captioned with title, artist, date and score.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from paintsim.cli import UserError, add_device_arg, add_k_arg, make_parser, run_main
+from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, run_main
 
 log = logging.getLogger("paintsim.display")
 
@@ -28,14 +29,14 @@ def build_parser():
     q.add_argument("--random", action="store_true", help="a random painting of the collection (see --seed)")
     q.add_argument("--image", metavar="PATH_OR_URL",
                    help="an image from outside the collection: a local file or an http(s) URL")
-    p.add_argument("--seed", type=int, default=0, help="random seed for --random")
+    p.add_argument("--seed", type=int_range(0), default=0, help="random seed for --random")
     add_k_arg(p, default=10)
     add_device_arg(p)
     p.add_argument("--weights", default=None,
                    help="--image only: local state dict to load instead of the weights named in "
                         "features_meta.json (for machines without the torchvision cache)")
-    p.add_argument("--columns", type=int, default=6, help="paintings per row of the figure")
-    p.add_argument("--thumb-size", type=int, default=200, help="pixels per painting in the figure")
+    p.add_argument("--columns", type=int_range(1, 50), default=6, help="paintings per row of the figure")
+    p.add_argument("--thumb-size", type=int_range(16, 1024), default=200, help="pixels per painting in the figure")
     p.add_argument("--output", default=None,
                    help="PNG to write (default: <data-dir>/figures/similar_<query>.png)")
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
@@ -56,8 +57,6 @@ def main(args) -> int:
     from paintsim import figures, query
     from paintsim.images import ImageDecodeError, load_rgb
 
-    if args.k < 1:
-        raise UserError(f"--k {args.k}: must be at least 1")
     coll = query.Collection.open(args.data_dir)
     device = args.device  # resolved (importing torch) only when a model or a search needs it
     if args.image:
@@ -68,7 +67,7 @@ def main(args) -> int:
         stem = args.image.rstrip("/").rsplit("/", 1)[-1]
         tag = "image_" + query.safe_tag(Path(stem).stem or "url")
         query_img, query_cap = img, f"QUERY (outside image)\n{query.safe_tag(stem, 40)}"
-        where = "searched features.npy"
+        where = f"an exact search of {coll.paths.features.name}"
         if scores.size and scores[0] > 0.995:
             log.info("the outside image is (almost) identical to row %d (%s) of the collection",
                      rows[0], coll.names[rows[0]])
@@ -89,7 +88,7 @@ def main(args) -> int:
         images.append(coll.image_path(int(r)))
         caps.append(caption(coll.info(int(r)), float(s)))
     out = Path(args.output) if args.output else coll.paths.figures_dir / f"similar_{tag}.png"
-    title = f"{len(rows)} nearest paintings to {source}"
+    title = f"{len(rows)} nearest paintings to {source}; neighbours from {where}"
     figures.neighbor_grid(query_img, query_cap, images, caps, out, columns=args.columns,
                           thumb_size=args.thumb_size, title=title, show=args.show)
     print(f"query: {source}")

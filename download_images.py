@@ -12,9 +12,12 @@ import signal
 import sys
 from pathlib import Path
 
-from paintsim.cli import make_parser, run_main
+from paintsim.cli import config_from_args, float_range, int_range, make_parser, run_main
 from paintsim.fetch import FetchConfig, default_user_agent
 from paintsim.nga import NGA_TABLES_URL
+
+#: Largest image edge one may ask NGA's IIIF server for (its full-size images are a few thousand px).
+MAX_SIZE = 8192
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,33 +26,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory with published_images.csv and objects.csv (default: <data-dir>/nga, "
                         "fetched from NGA's open-data repository when missing)")
     p.add_argument("--tables-url", default=NGA_TABLES_URL, help="where missing tables are fetched from")
-    p.add_argument("--size", type=int, default=512,
+    p.add_argument("--size", type=int_range(1, MAX_SIZE), default=512,
                    help="longest image edge to ask the IIIF server for (never beyond the row's maxpixels)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--workers", type=int_range(1, 64), default=4,
                    help="parallel downloads (the server is one host: stay polite)")
-    p.add_argument("--max-rate", type=float, default=0.0,
+    p.add_argument("--max-rate", type=float_range(0), default=0.0,
                    help="at most this many requests per second over all workers (0: no limit)")
-    p.add_argument("--limit", type=int, default=None, help="download only the first N selected images")
-    p.add_argument("--sample", type=int, default=None, help="a reproducible random subset of N images")
-    p.add_argument("--seed", type=int, default=0, help="random seed for --sample")
+    p.add_argument("--limit", type=int_range(0), default=None, help="download only the first N selected images")
+    p.add_argument("--sample", type=int_range(0), default=None, help="a reproducible random subset of N images")
+    p.add_argument("--seed", type=int_range(0), default=0, help="random seed for --sample")
     p.add_argument("--all-views", action="store_true",
                    help="keep alternate views too (default: the primary view of each painting)")
     p.add_argument("--images-from", type=Path, default=None,
                    help="take images from this directory (files named <uuid>.jpg or <objectid>.jpg) "
                         "instead of HTTP")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for a connection")
-    p.add_argument("--read-timeout", type=float, default=60.0, help="seconds to wait for data")
-    p.add_argument("--max-retries", type=int, default=5,
+    p.add_argument("--connect-timeout", type=float_range(0, lo_open=True), default=10.0, help="seconds to wait for a connection")
+    p.add_argument("--read-timeout", type=float_range(0, lo_open=True), default=60.0, help="seconds to wait for data")
+    p.add_argument("--max-retries", type=int_range(0, 100), default=5,
                    help="retries on HTTP 429/5xx, timeouts, dropped connections and cut bodies")
-    p.add_argument("--backoff", type=float, default=1.0,
-                   help="first retry delay in seconds; doubles each retry, with jitter")
-    p.add_argument("--max-retry-after", type=float, default=300.0,
+    p.add_argument("--backoff", type=float_range(0), default=1.0,
+                   help="retry delay in seconds: the n-th retry waits backoff x 2**(n-1), plus up to "
+                        "backoff of jitter")
+    p.add_argument("--deadline", type=float_range(0), default=600.0,
+                   help="seconds one image may take in all, retries included (0: no limit)")
+    p.add_argument("--max-retry-after", dest="retry_after_max", type=float_range(0), default=300.0,
                    help="cap in seconds on a server's Retry-After")
     p.add_argument("--user-agent", default=default_user_agent(), help="User-Agent sent with every request")
     p.add_argument("--ignore-robots-txt", action="store_true",
                    help="do not read the image host's robots.txt (by default its rules and Crawl-delay "
                         "are obeyed)")
-    p.add_argument("--checkpoint-every", type=float, default=30.0,
+    p.add_argument("--checkpoint-every", type=float_range(0, lo_open=True), default=30.0,
                    help="seconds between manifest checkpoints during the run")
     return p
 
@@ -63,15 +69,8 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
 
-    opts = DownloadOptions(
-        data_dir=Path(args.data_dir), csv_dir=args.csv_dir, tables_url=args.tables_url, size=args.size,
-        workers=args.workers, limit=args.limit, sample=args.sample, seed=args.seed,
-        all_views=args.all_views, images_from=args.images_from, progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every, respect_robots_txt=not args.ignore_robots_txt,
-        fetch=FetchConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                          max_retries=args.max_retries, backoff=args.backoff,
-                          retry_after_max=args.max_retry_after, max_rate=args.max_rate,
-                          user_agent=args.user_agent))
+    opts = config_from_args(DownloadOptions, args, data_dir=Path(args.data_dir),
+                            fetch=config_from_args(FetchConfig, args))
     summary = run_download(opts)
     print(summary.text())
     return 0

@@ -14,14 +14,12 @@ Weights: the backbone's torchvision ImageNet weights, downloaded once into torch
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from paintsim.backbones import BACKBONES, DEFAULT_BACKBONE
-from paintsim.cli import add_device_arg, make_parser, run_main
-from paintsim.extract import DEFAULT_CHUNK_SIZE, PRECISIONS, ExtractConfig, extract_features
-
-log = logging.getLogger("paintsim")
+from paintsim.cli import add_device_arg, config_from_args, int_range, make_parser, run_main
+from paintsim.embedder import PRECISIONS
+from paintsim.extract import DEFAULT_CHUNK_SIZE, ExtractConfig, extract_features
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weights' resize + centre crop")
     p.add_argument("--images-dir", default=None,
                    help="embed every file of this folder instead of the manifest's images")
-    p.add_argument("--batch-size", type=int, default=0,
+    p.add_argument("--batch-size", type=int_range(0, 4096), default=0,
                    help="images per forward pass; 0 = auto: 8 on the CPU (smaller batches stay in "
-                        "cache and measured fastest, see the README, Stage 3), 64 on CUDA")
-    p.add_argument("--workers", type=int, default=-1,
+                        "cache and measured fastest, see docs/performance.md), 64 on CUDA")
+    p.add_argument("--workers", type=int_range(-1, 64), default=-1,
                    help="DataLoader processes decoding and resizing images (0: in the main process); "
                         "-1 = auto: 1 on the CPU, min(8, CPU cores) on CUDA")
     add_device_arg(p)
@@ -50,22 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32 on the CPU")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="channels_last memory format (default None = on, for CUDA and the CPU alike: up to "
-                        "1.8x faster on the CPU, see the README, Stage 3)")
-    p.add_argument("--threads", type=int, default=0,
+                        "1.8x faster on the CPU, see docs/performance.md)")
+    p.add_argument("--threads", type=int_range(0, 1024), default=0,
                    help="torch compute threads on the CPU (0: one per CPU core)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=int_range(1), default=DEFAULT_CHUNK_SIZE,
                    help="images per progress chunk written to <data-dir>/features_progress/ (a chunk "
                         "closes at the first batch boundary past this count)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of --weights none")
+    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the random weights of --weights none")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = ExtractConfig(data_dir=args.data_dir, images_dir=args.images_dir, backbone=args.backbone,
-                        weights=args.weights, no_crop=args.no_crop, batch_size=args.batch_size,
-                        workers=args.workers, device=args.device, precision=args.precision,
-                        channels_last=args.channels_last, threads=args.threads, chunk_size=args.chunk_size,
-                        seed=args.seed, progress=not args.no_progress)
+    cfg = config_from_args(ExtractConfig, args)
     s = extract_features(cfg)
     rate = f", {s['images_per_s']} images/s" if s["images_per_s"] else ""
     print(f"features: {s['rows']} x {s['dimension']} ({s['backbone']}, {s['weights']}, {s['preprocessing']}) "

@@ -7,23 +7,21 @@ neighbours equal a float64 brute force except where scores tie within float32 ro
 broken by the lower index. The default method uses the symmetry of cosine similarity to compute
 each pair once (half the floating-point work of a row-by-row search).
 
-Writes <data-dir>/top_{k}_similar.npy (or --output), the same table as extract_top_10.py:
-N records with fields `index` int32 [k] (rows of image_names.npy) and `score` float32 [k].
+Writes <data-dir>/top_{k}_similar.npy (or --output) and its side record top_{k}_similar.json
+(route "streamed"), the same table as extract_top_10.py: N records with fields `index` int32 [k]
+(rows of image_names.npy) and `score` float32 [k]. --compare-with TABLE says how far another
+route's table (the matrix route's top_{k}_from_matrix.npy) agrees with this one.
 Memory: the features plus one tile (--memory-budget or --block-size).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-from paintsim.artifacts import DataPaths, save_neighbors
-from paintsim.cli import add_device_arg, add_k_arg, make_parser, resolve_device, run_main
-from paintsim.knn import METHODS, load_features, parse_memory, top_k_neighbors
-
-log = logging.getLogger("paintsim")
+from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, memory_size, run_main
+from paintsim.knn import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,33 +30,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arg(p)
     p.add_argument("--output", default=None,
                    help="neighbour table to write (default: <data-dir>/top_{k}_similar.npy)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block-size", type=int_range(1), default=None,
                    help="rows per tile (a tile is block x 2*block scores); default: from "
                         "--memory-budget, at most 4096 on the CPU and 8192 on CUDA")
-    p.add_argument("--memory-budget", type=parse_memory, default=None,
+    p.add_argument("--memory-budget", type=memory_size, default=None,
                    help="memory for one tile of scores and its scratch, e.g. 256M or 2G (default: "
                         "512 MiB on the CPU, 2 GiB on CUDA, at most a quarter of the memory available)")
     p.add_argument("--method", default="auto", choices=list(METHODS),
                    help="auto = symmetric: each pair computed once (upper-triangle tiles); dense: "
                         "every row block against all rows (twice the flops; the plain reference). "
                         "Both are exact in float32")
+    p.add_argument("--compare-with", default=None, metavar="TABLE",
+                   help="another route's neighbour table (e.g. <data-dir>/top_10_from_matrix.npy): "
+                        "print how far it agrees with this one")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    paths = DataPaths.of(args.data_dir)
-    features, names, meta = load_features(args.data_dir)
+    from paintsim.devices import resolve_device
+    from paintsim.embeddings import Embeddings
+    from paintsim.knn import top_k_neighbors
+    from paintsim.matrix import SCORE_TOLERANCE
+    from paintsim.neighbours import compare_tables, load_table, save_table
+
+    emb = Embeddings.load(args.data_dir, mmap=False)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    index, score = top_k_neighbors(features, args.k, device=device, block_size=args.block_size,
+    index, score = top_k_neighbors(emb.features, args.k, device=device, block_size=args.block_size,
                                    progress=not args.no_progress, method=args.method,
                                    memory_budget=args.memory_budget)
     seconds = time.perf_counter() - t0
-    out = Path(args.output) if args.output else paths.neighbors(args.k)
-    save_neighbors(out, index, score)
+    out = Path(args.output) if args.output else emb.paths.neighbors(args.k)
+    save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method)
     n = len(index)
-    print(f"top-{args.k} neighbours of {n} paintings ({features.shape[1]}-d) -> {out} in "
+    print(f"top-{args.k} neighbours of {n} paintings ({emb.dim}-d) -> {out} in "
           f"{seconds:.1f} s on {device} ({n / max(seconds, 1e-9):.0f} rows/s)")
+    if args.compare_with:
+        other = load_table(args.compare_with, n)
+        dtype = str(other.record.get("matrix_dtype", "float16"))
+        tol = SCORE_TOLERANCE.get(dtype, SCORE_TOLERANCE["float16"])
+        c = compare_tables(other, load_table(out, n), emb.features, tol)
+        print(f"{other.describe()} vs {out.name}: identical neighbour sets for "
+              f"{c['identical_fraction']:.1%} of {c['rows']} paintings; rows differing beyond "
+              f"{dtype} near-ties ({tol:g}) at the k-th neighbour: {c['rows_beyond_tolerance']}")
     return 0
 
 

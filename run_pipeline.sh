@@ -75,43 +75,24 @@ F="$DATA_DIR/features.npy"
 H5="$DATA_DIR/similarity_scores.h5"
 TOP="$DATA_DIR/top_10_similar.npy"
 TOP_MATRIX="$DATA_DIR/top_10_from_matrix.npy"
+COMPARE=()
 if [[ $MATRIX == 1 ]]; then
   if up_to_date "$H5" "$F"; then skip "4/8 full matrix"; else
     stage "4/8 full matrix" compute_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
   if up_to_date "$TOP_MATRIX" "$H5"; then skip "5/8 top-10 from the matrix"; else
-    stage "5/8 top-10 from the matrix" extract_top_10.py "${COMMON[@]}" --output "$TOP_MATRIX"; fi
+    stage "5/8 top-10 from the matrix" extract_top_10.py "${COMMON[@]}"; fi
+  COMPARE=(--compare-with "$TOP_MATRIX")   # the two routes must give the same neighbours
 else
   echo; echo "=== 4/8, 5/8 full matrix === skipped (--no-matrix)"
 fi
 if up_to_date "$TOP" "$F"; then skip "6/8 top-10 streamed"; else
-  stage "6/8 top-10 streamed" optimized_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
-if [[ $MATRIX == 1 ]]; then
-  # The two routes must give the same neighbours: say how far they agree.
-  "$PY" - "$TOP_MATRIX" "$TOP" "$F" <<'EOF'
-import sys
-import numpy as np
-from paintsim.artifacts import load_neighbors
-a, b = load_neighbors(sys.argv[1]), load_neighbors(sys.argv[2])
-f = np.load(sys.argv[3], mmap_mode="r", allow_pickle=False)
-TOL = 2e-3  # float16 rounding of the stored matrix: neighbours this close to the k-th may swap
-same = beyond = 0
-for i, (x, y) in enumerate(zip(a["index"], b["index"])):
-    diff = set(x.tolist()) ^ set(y.tolist())
-    if not diff:
-        same += 1
-        continue
-    kth = float(b["score"][i][-1])
-    beyond += any(abs(float(f[i] @ f[j]) - kth) > TOL for j in diff)
-print(f"matrix route vs streamed route: identical neighbour sets for {same / len(a):.1%} of {len(a)} "
-      f"paintings; rows differing beyond float16 near-ties ({TOL:g}) at the k-th neighbour: {beyond}")
-EOF
-fi
+  stage "6/8 top-10 streamed" optimized_similarity.py "${COMMON[@]}" --device "$DEVICE" "${COMPARE[@]}"; fi
 
 stage "7/8 display" display_similar.py "${COMMON[@]}" --query "${QUERY:-0}" --device "$DEVICE"
 EVAL="$DATA_DIR/evaluation.json"
 if up_to_date "$EVAL" "$F" "$TOP"; then
   skip "8/8 evaluate"
-  "$PY" -c "import sys; from paintsim.artifacts import read_json; from paintsim.evaluate import summary_table; print(summary_table(read_json(sys.argv[1])))" "$EVAL"
+  "$PY" evaluate_unsupervised.py "${COMMON[@]}" --print-report
 else
   stage "8/8 evaluate" evaluate_unsupervised.py "${COMMON[@]}" --device "$DEVICE"
 fi

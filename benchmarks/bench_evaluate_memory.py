@@ -26,7 +26,9 @@ sys.path.insert(0, str(REPO))
 def build(root: Path, n: int, dim: int, k: int = 10) -> None:
     import pandas as pd
 
-    from paintsim.artifacts import MANIFEST_COLUMNS, save_neighbors, write_manifest
+    from paintsim.embeddings import array_sha256
+    from paintsim.manifest import MANIFEST_COLUMNS, write_manifest
+    from paintsim.neighbours import save_table
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -39,7 +41,9 @@ def build(root: Path, n: int, dim: int, k: int = 10) -> None:
     names = np.array([f"{i:08d}-0000-4000-8000-000000000000.jpg" for i in range(n)])
     np.save(root / "image_names.npy", names)
     idx = rng.integers(0, n, size=(n, k), dtype=np.int32)
-    save_neighbors(root / f"top_{k}_similar.npy", idx, rng.random((n, k), dtype=np.float32))
+    sha = array_sha256(np.load(root / "features.npy", mmap_mode="r"))
+    save_table(root / f"top_{k}_similar.npy", idx, rng.random((n, k), dtype=np.float32), route="streamed",
+               features_sha256=sha)
     rows = {c: [""] * n for c in MANIFEST_COLUMNS}
     rows.update(file=[f"images/{nm}" for nm in names], objectid=[str(i) for i in range(n)],
                 attribution=[f"artist {i}" for i in rng.integers(0, n // 30, size=n)], status=["ok"] * n)

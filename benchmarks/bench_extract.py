@@ -38,7 +38,8 @@ os.environ.setdefault("TORCH_HOME", str(REPO / ".cache" / "torch"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from paintsim.extract import Embedder, ExtractConfig, extract_features  # noqa: E402
+from paintsim.embedder import Embedder  # noqa: E402
+from paintsim.extract import ExtractConfig, extract_features  # noqa: E402
 from paintsim.images import load_rgb  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"

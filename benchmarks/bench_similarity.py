@@ -13,12 +13,12 @@ whole process (start-up and loading included) with its peak resident memory (``w
             benchmark only, run with the ``OPENBLAS_CORETYPE`` that is fastest for it here
             (probed first at a small N among unset / SkylakeX / Zen / Haswell; a coretype this CPU
             cannot execute just fails the probe);
-* naive     the prior art: the whole N x N matrix in memory, then ``argsort`` of every row
+* naive     the obvious way: the whole N x N matrix in memory, then ``argsort`` of every row
             (only for N <= --naive-max).
 
 Every result is checked against FAISS's neighbours (same scores within 1e-5). Runs use the
-environment's OPENBLAS_CORETYPE unless --coretype is given (``unset`` removes it); the README
-figures were taken with ``env -u OPENBLAS_CORETYPE`` and again with ``OPENBLAS_CORETYPE=Haswell``.
+environment's OPENBLAS_CORETYPE unless --coretype is given (``unset`` removes it); the
+docs/performance.md figures were taken with ``env -u OPENBLAS_CORETYPE`` and again with ``OPENBLAS_CORETYPE=Haswell``.
 
     flock /tmp/paintsim-cpu.lock env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/bench_similarity.py \\
         --sizes 20000 50000 --output benchmarks/results/similarity.json
@@ -165,7 +165,7 @@ def main() -> int:
         rates = json.loads(floor["stdout"].strip().splitlines()[-1])
         best_rate = max(rates.values())
         results["matmul_gflops"] = {k: round(v / 1e9, 1) for k, v in rates.items()}
-        print(f"float32 matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()),
+        print("float32 matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()),
               flush=True)
         faiss_ct, probe = (None, {}) if args.no_faiss else probe_faiss_coretype(tmp, base_env, args.k)
         if not args.no_faiss:

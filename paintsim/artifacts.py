@@ -1,9 +1,10 @@
-"""Where every artifact lives under ``--data-dir``, and how it is written and read.
+"""Where every artifact lives under ``--data-dir``, and the low-level file I/O they all share.
 
-Names and formats are spelled here once; docs/artifacts.md is the human-readable contract.
-Every write goes to a temporary file in the same directory and is renamed into place
-(``os.replace`` is atomic on POSIX), so a killed stage never leaves a half-written artifact
-under its final name.
+Names are spelled here once; docs/artifacts.md is the human-readable contract. Each artifact has
+its own module that writes and reads it (``manifest``, ``embeddings``, ``neighbours``, ``matrix``);
+those modules go through the functions below, so every write is atomic (a temporary file in the
+same directory, fsynced, then ``os.replace``: a killed stage never leaves a half-written file
+under its final name) and every read of an array refuses pickle and names the file it failed on.
 """
 from __future__ import annotations
 
@@ -17,13 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-MANIFEST_COLUMNS = [
-    "uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification",
-    "url", "file", "status", "error", "width", "height", "bytes",
-]
-
-#: dtype of the neighbour table for a given k (see ``neighbor_dtype``).
-NEIGHBOR_FIELDS = ("index", "score")
+from .errors import UserError
 
 
 def _file_mode() -> int:
@@ -33,7 +28,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-_FILE_MODE = _file_mode()
+FILE_MODE = _file_mode()
 
 
 @dataclass(frozen=True)
@@ -94,19 +89,12 @@ class DataPaths:
         return self.root / "similarity_scores.h5"
 
     def neighbors(self, k: int = 10) -> Path:
+        """The streamed neighbour table (optimized_similarity.py)."""
         return self.root / f"top_{k}_similar.npy"
 
-    def images_source(self, meta: dict | None) -> Path:
-        """The folder holding the images behind ``image_names.npy``.
-
-        ``images/`` for a collection embedded from the manifest; the folder recorded in
-        ``features_meta.json`` (``source = "images-dir:<path>"``) for one embedded with
-        ``extract_features.py --images-dir``. Callers join it with a name's basename only.
-        """
-        source = str((meta or {}).get("source", ""))
-        if source.startswith("images-dir:"):
-            return Path(source[len("images-dir:"):])
-        return self.images_dir
+    def neighbors_from_matrix(self, k: int = 10) -> Path:
+        """The neighbour table read from the full matrix (extract_top_10.py)."""
+        return self.root / f"top_{k}_from_matrix.npy"
 
     # stage 8: evaluation
     @property
@@ -114,6 +102,7 @@ class DataPaths:
         return self.root / "evaluation.json"
 
 
+# ------------------------------------------------------------------------------------- writing
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
@@ -128,7 +117,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -152,11 +141,6 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """``np.save`` through a temp file; object arrays are refused (they would need pickle)."""
     array = np.asarray(array)
@@ -169,64 +153,55 @@ def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
             os.fsync(fh.fileno())
 
 
+def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """``np.savez`` (uncompressed) through a temp file."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------- reading
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON artifact; malformed or non-UTF-8 content is a :class:`UserError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid UTF-8 JSON ({exc}); delete it and rerun the stage "
+                        "that writes it") from None
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict:
+    """:func:`read_json` for a file that must hold a JSON object."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def load_npy(path: str | os.PathLike[str], mmap: bool = False) -> np.ndarray:
     """Load an artifact array, never unpickling; a missing file names the stage to run."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first "
                                 "(see docs/artifacts.md)")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file")
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a plain NumPy array file ({exc})") from exc
+    except (ValueError, EOFError, OSError) as exc:
+        raise UserError(f"{path} is not a plain NumPy array file ({exc}); rerun the stage that "
+                        "writes it") from None
 
 
-def neighbor_dtype(k: int) -> np.dtype:
-    """The neighbour table's record: ``index`` int32[k] (rows of image_names.npy), ``score`` float32[k]."""
-    return np.dtype([("index", np.int32, (k,)), ("score", np.float32, (k,))])
+def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read into memory, never unpickling (ValueError if damaged)."""
+    import zipfile
 
-
-def make_neighbor_table(index: np.ndarray, score: np.ndarray) -> np.ndarray:
-    index = np.asarray(index)
-    score = np.asarray(score)
-    if index.shape != score.shape or index.ndim != 2:
-        raise ValueError(f"index {index.shape} and score {score.shape} must both be [N, k]")
-    table = np.empty(index.shape[0], dtype=neighbor_dtype(index.shape[1]))
-    table["index"] = index
-    table["score"] = score
-    return table
-
-
-def save_neighbors(path: str | os.PathLike[str], index: np.ndarray, score: np.ndarray) -> None:
-    save_npy_atomic(path, make_neighbor_table(index, score))
-
-
-def load_neighbors(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load and check a neighbour table written by extract_top_10.py / optimized_similarity.py."""
-    table = load_npy(path)
-    names = table.dtype.names or ()
-    if tuple(names) != NEIGHBOR_FIELDS or table.ndim != 1:
-        raise ValueError(f"{path} is not a neighbour table (expected a 1-D structured array with "
-                         f"fields {NEIGHBOR_FIELDS}, got dtype {table.dtype})")
-    return table
-
-
-def read_manifest(path: str | os.PathLike[str]):
-    """Read ``manifest.csv`` as strings (no NaN guessing), checking its columns."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run download_images.py first")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return df
-
-
-def write_manifest(path: str | os.PathLike[str], df) -> None:
-    """Write ``manifest.csv`` atomically with the contract's column order first."""
-    cols = MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]
-    with atomic_path(path, suffix=".csv") as tmp:
-        df.reindex(columns=cols).to_csv(tmp, index=False)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None

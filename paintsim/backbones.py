@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from paintsim.cli import UserError
+from .errors import UserError
 
 log = logging.getLogger("paintsim.backbones")
 

@@ -1,21 +1,26 @@
-"""The flags every script shares, logging set-up, and the one way to report a user error.
+"""The command-line layer: shared flags, flag types with their bounds, and the one error report.
 
 Scripts build their parser with :func:`make_parser` so ``--help`` always shows defaults and the
 common flags are spelled the same everywhere (``--data-dir``, ``--device``, ``--k``, ``--seed``,
-``--workers``, ``--batch-size``, ``--log-level``, ``--no-progress``).
+``--workers``, ``--batch-size``, ``--log-level``, ``--no-progress``). Flags are checked here, by
+their argparse type, before any work starts; a value that only the data can refuse comes back
+from the library as :class:`~paintsim.errors.BadValue`, and :func:`run_main` names its flag.
+A config dataclass is filled from the parsed flags by :func:`config_from_args` (flag dest = field).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from .errors import BadValue, UserError
+
+__all__ = ["UserError", "BadValue", "make_parser", "add_device_arg", "add_k_arg", "int_range",
+           "float_range", "memory_size", "config_from_args", "run_main", "setup_logging"]
 
 log = logging.getLogger("paintsim")
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment: printed as one clear line, no traceback."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -38,21 +43,82 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_k_arg(parser: argparse.ArgumentParser, default: int = 10) -> None:
-    parser.add_argument("--k", type=int, default=default, help="neighbours per painting")
+    parser.add_argument("--k", type=int_range(1), default=default,
+                        help="neighbours per painting (at most the collection size - 1)")
 
 
-def resolve_device(name: str) -> str:
-    """Map ``auto|cpu|cuda`` to a torch device string, failing clearly when CUDA is asked but absent."""
-    import torch
+# ----------------------------------------------------------------------------------- flag types
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number within ``[lo, hi]`` (either bound may be open)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        _check_range(value, lo, hi)
+        return value
+    parse.__name__ = "int"
+    return parse
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available "
-                        "(use --device cpu or --device auto)")
-    return name
+
+def float_range(lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        if lo_open and lo is not None and value <= lo:
+            raise argparse.ArgumentTypeError(f"must be greater than {lo:g}, got {text}")
+        _check_range(value, lo, hi)
+        return value
+    parse.__name__ = "float"
+    return parse
 
 
+def _check_range(value, lo, hi) -> None:
+    if lo is not None and value < lo:
+        raise argparse.ArgumentTypeError(f"must be at least {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise argparse.ArgumentTypeError(f"must be at most {hi:g}, got {value:g}")
+
+
+def memory_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"800000000"`` -> bytes (an argparse type)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512M, 2G)") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
+    return int(value)
+
+
+memory_size.__name__ = "memory size"
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides: Any):
+    """Build the dataclass ``cls`` from the parsed flags whose dest is one of its field names.
+
+    ``progress`` is the opposite of ``--no-progress``; ``overrides`` win over the flags.
+    """
+    values = vars(args)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif f.name == "progress" and "no_progress" in values:
+            kwargs["progress"] = not values["no_progress"]
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------- running
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -60,12 +126,17 @@ def setup_logging(level: str = "INFO") -> None:
 
 def run_main(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> int:
-    """Parse, set up logging, run; a :class:`UserError` (or a missing file) exits 2 with its message."""
+    """Parse, set up logging, run. A user error, a bad value or a missing file exits 2 with one line."""
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
         return int(main(args) or 0)
+    except BadValue as exc:
+        log.debug("bad value", exc_info=True)
+        log.error("%s", exc.as_flag())
+        return 2
     except (UserError, FileNotFoundError) as exc:
+        log.debug("user error", exc_info=True)
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

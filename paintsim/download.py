@@ -23,11 +23,12 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from .artifacts import MANIFEST_COLUMNS, DataPaths, atomic_path, read_manifest, write_manifest
-from .cli import UserError
+from .artifacts import DataPaths, atomic_path
+from .errors import BadValue, UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
 from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, verify_image
+from .manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 #: Extra manifest column (after the contract's): where the file came from, ``http`` or ``images-from``.
 SOURCE_COLUMN = "source"
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 class DiskFullError(UserError):
@@ -59,7 +57,7 @@ class DownloadOptions:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     progress: bool = True
     checkpoint_every: float = 30.0          # seconds between manifest checkpoints
-    respect_robots_txt: bool = True
+    ignore_robots_txt: bool = False
 
 
 @dataclass
@@ -108,7 +106,6 @@ def _write_image(dest: Path, data: bytes) -> None:
         with atomic_path(dest, suffix=".jpg") as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; images are ordinary files
     except OSError as exc:
         if exc.errno in _DISK_FULL_ERRNOS:
             raise DiskFullError(_disk_full_message(dest, exc)) from exc
@@ -152,7 +149,7 @@ class Downloader:
         self.stop = threading.Event()
         self.politeness = Politeness(opts.fetch.max_rate, self.stop)
         self.session = None if opts.images_from else make_session(opts.workers, opts.fetch.user_agent)
-        self.robots = RobotsRules(self.session, opts.fetch, self.politeness, opts.respect_robots_txt)
+        self.robots = RobotsRules(self.session, opts.fetch, self.politeness, not opts.ignore_robots_txt)
         self.local = _index_dir(opts.images_from) if opts.images_from else None
         self.bytes_lock = threading.Lock()
         self.bytes_written = 0
@@ -367,8 +364,8 @@ def _previous_manifest(path: Path) -> dict[str, dict]:
         return {}
     try:
         df = read_manifest(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        log.warning("ignoring the unreadable previous manifest %s (%s)", path, exc)
+    except UserError as exc:
+        log.warning("ignoring the unreadable previous manifest (%s)", exc)
         return {}
     return {r["uuid"].lower(): r for r in df.to_dict("records")}
 
@@ -377,13 +374,11 @@ def run_download(opts: DownloadOptions) -> DownloadSummary:
     """The whole stage: tables -> selection -> images + manifest. Returns the summary."""
     paths = DataPaths.of(opts.data_dir)
     if opts.size <= 0:
-        raise UserError(f"--size must be positive, got {opts.size}")
+        raise BadValue("size", opts.size, "must be positive")
     if opts.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {opts.workers}")
+        raise BadValue("workers", opts.workers, "must be at least 1")
     csv_dir = Path(opts.csv_dir) if opts.csv_dir else paths.csv_dir
-    fetch_tables(csv_dir, opts.tables_url, progress=opts.progress,
-                 timeout=(opts.fetch.connect_timeout, opts.fetch.read_timeout),
-                 user_agent=opts.fetch.user_agent)
+    fetch_tables(csv_dir, opts.tables_url, opts.fetch, progress=opts.progress)
     published, objects = load_tables(csv_dir)
     sel = select_paintings(published, objects, all_views=opts.all_views, limit=opts.limit,
                            sample=opts.sample, seed=opts.seed)

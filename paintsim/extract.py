@@ -1,28 +1,17 @@
-"""Stage 3: one L2-normalised embedding per painting from a torchvision backbone.
+"""Stage 3: one L2-normalised embedding per painting, resumably.
 
-Pieces, in the order data flows through them:
-
-* :class:`Preprocessing` - the weights' own transform (resize, centre crop) or a letterbox of the
-  whole painting, producing a ``uint8 [3, S, S]`` tensor. It runs in DataLoader workers; the cheap
-  float conversion and normalisation run on the compute device (``uint8`` crosses process and
-  PCIe boundaries at a quarter of the float size).
-* :class:`Embedder` - model + preprocessing + device/precision, also rebuilt by later stages from
-  ``features_meta.json`` (:meth:`Embedder.from_meta`) so a query image is embedded exactly like the
-  collection was.
-* :func:`extract_features` - the resumable batch run: items come from the manifest (status ok) or
-  a folder; finished work is kept in chunk files under ``features_progress/`` (written atomically
-  at batch boundaries), so a killed run resumes and gives the same arrays as an uninterrupted one,
-  and a rerun after new downloads only embeds the new images.
+Items come from the manifest (status ok) or a folder; each is decoded (bounded) and preprocessed in
+DataLoader workers and embedded by :class:`~paintsim.embedder.Embedder`. Finished work is kept in
+chunk files under ``features_progress/`` (written atomically at batch boundaries), so a killed run
+resumes and gives the same arrays as an uninterrupted one, and a rerun after new downloads only
+embeds the new images. The outputs are written by :func:`paintsim.embeddings.write_embeddings`.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,265 +19,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from paintsim import artifacts
-from paintsim.artifacts import DataPaths, atomic_path, save_npy_atomic, write_json_atomic
-from paintsim.backbones import (DEFAULT_BACKBONE, BackboneSpec, ResolvedWeights, build_backbone,
-                                get_spec)
-from paintsim.cli import UserError, resolve_device
-from paintsim.images import ImageDecodeError, is_image_file, load_rgb
+from . import artifacts
+from .artifacts import DataPaths, load_npz, save_npz_atomic, write_json_atomic
+from .backbones import DEFAULT_BACKBONE
+from .devices import resolve_device
+from .embedder import META_VERSION, Embedder, Preprocessing
+from .embeddings import Embeddings, write_embeddings
+from .errors import BadValue, UserError
+from .images import ImageDecodeError, is_image_file, load_rgb
+from .manifest import read_manifest
 
-log = logging.getLogger("paintsim.extract")
+log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PREPROCESS_MODES = ("center-crop", "letterbox")
 #: Default number of images per progress chunk (rounded up to whole batches).
 DEFAULT_CHUNK_SIZE = 512
 #: Auto batch sizes: on the CPU small batches keep activations in cache (measured fastest at 4-8,
-#: see the README, Stage 3); a GPU wants large ones.
+#: see docs/performance.md); a GPU wants large ones.
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 64
-META_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The exact image -> uint8 tensor transform, recorded in features_meta.json."""
-
-    mode: str                       # "center-crop" (the weights' transform) or "letterbox"
-    resize_size: int                # shorter side before the centre crop (center-crop mode)
-    crop_size: int                  # the model's square input side
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str              # "bilinear" | "bicubic" | "nearest"
-
-    @classmethod
-    def from_weights(cls, tv_weights, letterbox: bool = False) -> "Preprocessing":
-        t = tv_weights.transforms()
-        return cls(mode="letterbox" if letterbox else "center-crop",
-                   resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
-                   mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std),
-                   interpolation=t.interpolation.value)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Preprocessing":
-        try:
-            p = cls(mode=meta["mode"], resize_size=int(meta["resize_size"]), crop_size=int(meta["crop_size"]),
-                    mean=tuple(map(float, meta["mean"])), std=tuple(map(float, meta["std"])),
-                    interpolation=str(meta["interpolation"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"features_meta.json: malformed 'preprocessing' entry ({exc!r})") from None
-        if p.mode not in PREPROCESS_MODES:
-            raise UserError(f"features_meta.json: unknown preprocessing mode {p.mode!r}")
-        return p
-
-    def to_meta(self) -> dict[str, Any]:
-        meta = {"mode": self.mode, "resize_size": self.resize_size, "crop_size": self.crop_size,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-        if self.mode == "letterbox":
-            meta["fill_rgb"] = list(self.fill)
-        return meta
-
-    @property
-    def fill(self) -> tuple[int, int, int]:
-        """Letterbox padding: the normalisation mean, i.e. zero after normalising."""
-        return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
-
-    def __call__(self, img) -> "torch.Tensor":  # noqa: F821
-        import torchvision.transforms.functional as F
-        from torchvision.transforms import InterpolationMode
-
-        interp = InterpolationMode(self.interpolation)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if self.mode == "center-crop":
-            img = F.resize(img, [self.resize_size], interpolation=interp, antialias=True)
-            img = F.center_crop(img, [self.crop_size])
-        else:
-            from PIL import Image
-
-            w, h = img.size
-            scale = self.crop_size / max(w, h)
-            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-            img = F.resize(img, [nh, nw], interpolation=interp, antialias=True)
-            canvas = Image.new("RGB", (self.crop_size, self.crop_size), self.fill)
-            canvas.paste(img, ((self.crop_size - nw) // 2, (self.crop_size - nh) // 2))
-            img = canvas
-        return F.pil_to_tensor(img)
-
-
-# --------------------------------------------------------------------------------------------
-# the model
-
-
-def library_versions() -> dict[str, str]:
-    import PIL
-    import torch
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    import torch
-
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device == "cpu":
-        raise UserError("--precision fp16 is for GPUs; on the CPU use fp32 (fastest measured) or bf16")
-    return precision
-
-
-class Embedder:
-    """A headless backbone plus its exact preprocessing: PIL images in, unit vectors out."""
-
-    def __init__(self, model, spec: BackboneSpec, weights: ResolvedWeights, preprocessing: Preprocessing,
-                 device: str = "cpu", precision: str = "fp32", channels_last: bool | None = None,
-                 batch_size: int = 32):
-        import torch
-
-        self.spec = spec
-        self.weights = weights
-        self.preprocessing = preprocessing
-        self.device = torch.device(device)
-        self.precision = precision
-        # channels_last: on for CUDA (tensor cores) and on the CPU (oneDNN's fast path: measured
-        # up to 1.8x over contiguous NCHW on the benchmark CPU, see the README, Stage 3)
-        self.channels_last = True if channels_last is None else bool(channels_last)
-        self.batch_size = batch_size
-        self.model = model.to(self.device).eval()
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(preprocessing.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._inv_std = 1.0 / (torch.tensor(preprocessing.std, device=self.device).view(1, 3, 1, 1) * 255.0)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-    # construction ----------------------------------------------------------------------------
-    @classmethod
-    def create(cls, backbone: str = DEFAULT_BACKBONE, weights: str | None = "default", no_crop: bool = False,
-               device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
-               seed: int = 0, batch_size: int = 32, progress: bool = True) -> "Embedder":
-        dev = resolve_device(device)
-        prec = resolve_precision(precision, dev)
-        spec = get_spec(backbone)
-        model, resolved, tv_weights = build_backbone(spec.name, weights, progress=progress, seed=seed)
-        pre = Preprocessing.from_weights(tv_weights, letterbox=no_crop)
-        return cls(model, spec, resolved, pre, dev, prec, channels_last, batch_size)
-
-    @classmethod
-    def from_meta(cls, meta: dict, device: str = "auto", weights: str | None = None) -> "Embedder":
-        """Rebuild the model and preprocessing recorded in ``features_meta.json``.
-
-        ``weights`` overrides where the weights are read from (needed when the features were made
-        from a local file that has since moved); by default the recorded source is used with the
-        same resolution rules as extraction (torchvision cache + download, the recorded file, or
-        seeded random weights).
-        """
-        try:
-            backbone = meta["backbone"]
-            wmeta = meta["weights"]
-            kind = wmeta["kind"]
-        except (KeyError, TypeError):
-            raise UserError("features_meta.json lacks 'backbone'/'weights': rerun extract_features.py") from None
-        seed = int(wmeta.get("seed", meta.get("seed", 0)) or 0)
-        if weights is None:
-            if kind == "torchvision":
-                weights = wmeta["id"]
-            elif kind == "none":
-                weights = "none"
-            else:
-                weights = wmeta.get("path")
-                if not weights or not Path(weights).is_file():
-                    raise UserError(f"the features were made with the local weights file {wmeta.get('path')}, "
-                                    "which is no longer there; pass its new location (weights=...)")
-        dev = resolve_device(device)
-        recorded_prec = meta.get("precision", "fp32")
-        prec = recorded_prec if (dev == "cuda" or recorded_prec in ("fp32", "bf16")) else "fp32"
-        if prec != recorded_prec:
-            log.warning("features were computed with %s on %s; embedding with %s on %s (tiny differences)",
-                        recorded_prec, meta.get("device"), prec, dev)
-        spec = get_spec(backbone)
-        model, resolved, _ = build_backbone(spec.name, weights, progress=True, seed=seed)
-        if kind == "file" and wmeta.get("sha256") and resolved.sha256 != wmeta["sha256"]:
-            raise UserError(f"weights file {resolved.path} differs from the one the features were made "
-                            f"with (sha256 {str(resolved.sha256)[:12]}... vs {wmeta['sha256'][:12]}...)")
-        pre = Preprocessing.from_meta(meta["preprocessing"])
-        channels_last = meta.get("channels_last") if dev == meta.get("device") else None
-        emb = cls(model, spec, resolved, pre, dev, prec, channels_last, int(meta.get("batch_size", 32)))
-        if emb.dim != int(meta.get("dimension", emb.dim)):
-            raise UserError(f"features_meta.json says dimension {meta.get('dimension')} but {backbone} "
-                            f"gives {emb.dim}")
-        return emb
-
-    # properties ------------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return self.spec.dim
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """What features_meta.json records about this embedder (without counts)."""
-        return {"backbone": self.spec.name, "weights": self.weights.to_meta(),
-                "random_weights": self.weights.kind == "none",
-                "preprocessing": self.preprocessing.to_meta(), "dimension": self.dim,
-                "precision": self.precision, "device": self.device.type,
-                "channels_last": self.channels_last, "batch_size": self.batch_size,
-                "versions": library_versions()}
-
-    def fingerprint(self) -> str:
-        """Identity of everything that changes an embedding; progress of another config is discarded."""
-        key = {"backbone": self.spec.name, "weights": self.weights.id, "sha256": self.weights.sha256,
-               "seed": self.weights.seed if self.weights.kind == "none" else None,
-               "preprocessing": self.preprocessing.to_meta(), "precision": self.precision,
-               "meta_version": META_VERSION}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    # inference -------------------------------------------------------------------------------
-    def preprocess(self, img) -> "torch.Tensor":  # noqa: F821
-        return self.preprocessing(img)
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def embed_uint8(self, batch: "torch.Tensor") -> np.ndarray:  # noqa: F821
-        """Embed a ``uint8 [B, 3, S, S]`` batch; rows L2-normalised float32 (NaN row if degenerate)."""
-        import torch
-
-        with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = (x.float() - self._mean) * self._inv_std
-            with self._autocast():
-                out = self.model(x)
-            out = out.float().flatten(1)
-            norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
-            out = out / norms
-            return out.cpu().numpy().astype(np.float32, copy=False)
-
-    def embed(self, images: Sequence) -> np.ndarray:
-        """Embed PIL images exactly as extraction does: float32 ``[n, D]``, rows L2-normalised."""
-        import torch
-
-        rows = [self.embed_uint8(torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]))
-                for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,10 +62,7 @@ def _stat_item(name: str, file: str, path: Path) -> Item:
 
 def items_from_manifest(paths: DataPaths) -> list[Item]:
     """The manifest's rows with status ok, in manifest order; paths confined to the data dir."""
-    try:
-        df = artifacts.read_manifest(paths.manifest)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    df = read_manifest(paths.manifest)
     root = paths.root.resolve()
     items: list[Item] = []
     seen: set[str] = set()
@@ -406,8 +151,8 @@ class ProgressStore:
         if self.dir.exists():
             cfg = None
             try:
-                cfg = artifacts.read_json(cfg_path)
-            except (OSError, ValueError):
+                cfg = artifacts.read_json_object(cfg_path)
+            except (OSError, UserError):
                 pass
             if not cfg or cfg.get("fingerprint") != self.fingerprint:
                 stale = sorted(self.dir.glob("chunk-*.npz"))
@@ -420,17 +165,17 @@ class ProgressStore:
         for path in sorted(self.dir.glob("chunk-*.npz")):
             try:
                 self._next = max(self._next, int(path.stem.split("-")[1]) + 1)
-                with np.load(path, allow_pickle=False) as z:
-                    feats = z["features"]
-                    if feats.ndim != 2 or feats.shape[1] != self.dim:
-                        raise ValueError(f"features of shape {feats.shape}")
-                    for key, row in zip(zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()), feats):
-                        self.features[key] = row
-                        self.errors.pop(key, None)
-                    for key, msg in zip(zip(z["err_names"].tolist(), z["err_sizes"].tolist(),
-                                            z["err_mtimes"].tolist()), z["err_msgs"].tolist()):
-                        self.errors[key] = msg
-                        self.features.pop(key, None)
+                z = load_npz(path)
+                feats = z["features"]
+                if feats.ndim != 2 or feats.shape[1] != self.dim:
+                    raise ValueError(f"features of shape {feats.shape}")
+                for key, row in zip(zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()), feats):
+                    self.features[key] = row
+                    self.errors.pop(key, None)
+                for key, msg in zip(zip(z["err_names"].tolist(), z["err_sizes"].tolist(),
+                                        z["err_mtimes"].tolist()), z["err_msgs"].tolist()):
+                    self.errors[key] = msg
+                    self.features.pop(key, None)
             except (OSError, ValueError, KeyError, IndexError) as exc:
                 log.warning("ignoring unreadable progress chunk %s (%s)", path, exc)
 
@@ -459,13 +204,9 @@ class ProgressStore:
         enames, esizes, emtimes = key_arrays(errors)
         features = (np.stack([r for _, r in feats]).astype(np.float32) if feats
                     else np.zeros((0, self.dim), np.float32))
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, names=names, sizes=sizes, mtimes=mtimes, features=features,
-                         err_names=enames, err_sizes=esizes, err_mtimes=emtimes,
-                         err_msgs=np.array([m for _, m in errors], dtype=str).reshape(-1))
-                fh.flush()
-                os.fsync(fh.fileno())
+        save_npz_atomic(path, names=names, sizes=sizes, mtimes=mtimes, features=features,
+                        err_names=enames, err_sizes=esizes, err_mtimes=emtimes,
+                        err_msgs=np.array([m for _, m in errors], dtype=str).reshape(-1))
 
     def compact(self, items: Sequence[Item]) -> None:
         """Rewrite the store as one chunk holding exactly the current items (drops stale entries)."""
@@ -526,29 +267,28 @@ def _write_errors_csv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def _outputs_current(paths: DataPaths, fingerprint: str, names: list[str]) -> bool:
-    try:
-        meta = artifacts.read_json(paths.features_meta)
-        if meta.get("fingerprint") != fingerprint or meta.get("count") != len(names):
-            return False
-        stored = artifacts.load_npy(paths.image_names)
-        feats = artifacts.load_npy(paths.features, mmap=True)
-        return stored.tolist() == names and feats.shape[0] == len(names)
-    except (OSError, ValueError):
+    """The outputs on disk are this configuration's, for these images, and whole (checksums)."""
+    if not paths.features_meta.exists():
         return False
+    try:
+        emb = Embeddings.load(paths.root, require_meta=True)
+    except (OSError, UserError) as exc:
+        log.info("rewriting the outputs: %s", exc)
+        return False
+    return emb.meta.get("fingerprint") == fingerprint and emb.names.tolist() == names
 
 
 def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
     """Run the stage; return the summary (also logged)."""
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     if cfg.batch_size < 0:
-        raise UserError(f"--batch-size must be at least 1, or 0 for auto (got {cfg.batch_size})")
+        raise BadValue("batch_size", cfg.batch_size, "must be at least 1, or 0 for auto")
     if cfg.workers < -1:
-        raise UserError(f"--workers must be 0 or more, or -1 for auto (got {cfg.workers})")
+        raise BadValue("workers", cfg.workers, "must be 0 or more, or -1 for auto")
     if cfg.chunk_size < 1:
-        raise UserError(f"--chunk-size must be at least 1 (got {cfg.chunk_size})")
+        raise BadValue("chunk_size", cfg.chunk_size, "must be at least 1")
     paths = DataPaths.of(cfg.data_dir)
     items = items_from_dir(cfg.images_dir) if cfg.images_dir else items_from_manifest(paths)
     source = f"images-dir:{Path(cfg.images_dir).resolve()}" if cfg.images_dir else "manifest"
@@ -624,17 +364,13 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
         raise UserError(f"none of the {len(items)} image(s) could be read; see {paths.features_errors}")
 
     if todo or not _outputs_current(paths, fingerprint, names):
-        # the meta is the "done" marker: remove it first, so arrays and meta never disagree
-        paths.features_meta.unlink(missing_ok=True)
-        features = np.ascontiguousarray(np.stack(rows).astype(np.float32, copy=False))
-        save_npy_atomic(paths.features, features)
-        save_npy_atomic(paths.image_names, np.array(names, dtype=str))
-        _write_errors_csv(paths.features_errors, error_rows)
         meta = emb.meta
-        meta.update({"count": len(names), "errors": len(error_rows), "source": source,
-                     "fingerprint": fingerprint, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        meta.update({"errors": len(error_rows), "source": source, "fingerprint": fingerprint,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "meta_version": META_VERSION, "threads": threads, "workers": workers, **cfg.extra_meta})
-        write_json_atomic(paths.features_meta, meta)  # written last: the "done" marker
+        # the old outputs stay valid until the new ones are whole (checksums in the meta)
+        write_embeddings(paths, np.stack(rows), names, meta)
+        _write_errors_csv(paths.features_errors, error_rows)
         store.compact(items)
         up_to_date = False
     else:

@@ -1,26 +1,33 @@
-"""A polite, robust HTTP fetcher: one pooled session, timeouts, retries with backoff, Retry-After.
+"""The one HTTP client of paintsim: NGA's tables, the collection's images and outside-image URLs.
 
-Every URL ends as a :class:`FetchResult` with ``ok`` or a reason, never an exception, so one bad
-URL never stops a run. Transient trouble (HTTP 429, 5xx, 408, connection errors, timeouts, a body
-cut short) is retried with exponential backoff and full jitter; ``Retry-After`` (seconds or an HTTP
-date) is honoured, capped, and pauses *every* worker, since the server is one host.
+One pooled ``requests`` session per run, timeouts, an identifying User-Agent, and every URL ends
+as a :class:`FetchResult` with ``ok`` or a reason, never an exception, so one bad URL never stops
+a run. What to retry and how long to wait is urllib3's :class:`~urllib3.util.Retry` (HTTP 408,
+429, 5xx, connection errors and timeouts; exponential backoff with jitter; ``Retry-After`` in
+seconds or as an HTTP date, capped). What it lacks is kept here: a ``Retry-After`` pauses *every*
+worker (the server is one host), a body cut short is retried like a dropped connection, a body
+has a size cap, and each URL has a total deadline (a server dripping one byte per second never
+trips a per-read timeout).
 """
 from __future__ import annotations
 
-import email.utils
 import functools
 import logging
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError
+from urllib3.util import Retry
 
 from . import __version__
+from .artifacts import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +46,31 @@ class FetchConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_retries: int = 5
-    backoff: float = 1.0            # first retry waits up to this many seconds, doubling each time
+    backoff: float = 1.0            # retries wait backoff x 2**(n-1) seconds, plus up to backoff of jitter
     backoff_max: float = 60.0
     retry_after_max: float = 300.0  # longest Retry-After we obey (longer ones are capped)
     max_bytes: int = 64 * 1024 * 1024
     max_rate: float = 0.0           # requests per second across all workers; 0 = no limit
+    deadline: float = 600.0         # seconds one URL may take in all, retries included; 0 = none
     user_agent: str = field(default_factory=default_user_agent)
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_retries", "backoff", "backoff_max", "retry_after_max", "max_rate", "deadline"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+
+    def retry(self) -> Retry:
+        """The retry policy: counts attempts, says which answers to retry and how long to wait."""
+        return Retry(total=self.max_retries, redirect=10, status_forcelist=RETRY_STATUSES,
+                     allowed_methods=frozenset({"GET"}), backoff_factor=self.backoff,
+                     backoff_jitter=self.backoff, backoff_max=self.backoff_max,
+                     retry_after_max=int(self.retry_after_max), respect_retry_after_header=True,
+                     raise_on_status=False)
 
 
 @dataclass
@@ -108,8 +134,8 @@ class Politeness:
                 return
 
 
-def make_session(workers: int, user_agent: str | None = None) -> requests.Session:
-    """A session whose connection pool fits ``workers`` threads (keep-alive reuse, no urllib3 retries).
+def make_session(workers: int = 1, user_agent: str | None = None) -> requests.Session:
+    """A session whose connection pool fits ``workers`` threads (keep-alive reuse; retries are ours).
 
     With ``trust_env`` requests re-reads every proxy variable of the environment on *each* request
     (about 1 ms of CPU): the environment is read once per host instead (:func:`fetch`), and the CA
@@ -137,52 +163,41 @@ def _env_proxies(url: str) -> dict:
     return dict(_env_proxies_for(f"{parts.scheme}://{parts.netloc}/"))
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent/bad."""
+def parse_retry_after(value: str | None, max_seconds: float = 300.0) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date, capped at
+    ``max_seconds``); None if absent or malformed."""
     if not value:
         return None
-    value = value.strip()
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        return float(Retry(retry_after_max=int(max_seconds)).parse_retry_after(value.strip()))
+    except Exception:  # noqa: BLE001 - urllib3's InvalidHeader, or a date it cannot convert
         return None
-    if when is None:
-        return None
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
-
-
-def backoff_delay(attempt: int, config: FetchConfig, rng: random.Random | None = None) -> float:
-    """Full-jitter exponential backoff: uniform in [0.5, 1] x backoff x 2**attempt, capped."""
-    rng = rng or random
-    ceiling = min(config.backoff_max, config.backoff * (2 ** attempt))
-    return ceiling * (0.5 + 0.5 * rng.random())
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, http_status: int | None = None, retry_after: float | None = None):
-        super().__init__(reason)
-        self.http_status = http_status
-        self.retry_after = retry_after
+    """A body cut short or too slow: retried like a dropped connection."""
 
 
-def _read_body(resp: requests.Response, max_bytes: int) -> bytes:
+class _Fatal(Exception):
+    """An answer that retrying will not fix (over the size limit, past the deadline)."""
+
+
+def _stream(resp: requests.Response, max_bytes: int, deadline: float | None, sink) -> int:
+    """Feed the body to ``sink`` in chunks, enforcing the size cap and the deadline; return bytes."""
     declared = resp.headers.get("Content-Length")
     expected = int(declared) if declared and declared.isdigit() else None
     if expected is not None and expected > max_bytes:
-        raise ValueError(f"body of {expected} bytes exceeds the {max_bytes}-byte limit")
-    chunks, got = [], 0
+        raise _Fatal(f"body of {expected} bytes exceeds the {max_bytes}-byte limit")
+    got = 0
     try:
         for chunk in resp.raw.stream(1 << 16, decode_content=True):
             got += len(chunk)
             if got > max_bytes:
-                raise ValueError(f"body exceeds the {max_bytes}-byte limit")
-            chunks.append(chunk)
-    except ValueError:
+                raise _Fatal(f"body exceeds the {max_bytes}-byte limit")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _Fatal(f"deadline passed while reading the body ({got} bytes so far)")
+            sink(chunk)
+    except (_Fatal, OSError):
         raise
     except Exception as exc:  # urllib3 ProtocolError/IncompleteRead/ReadTimeout: the body was cut
         if "timeout" in type(exc).__name__.lower() or "timed out" in str(exc).lower():
@@ -192,71 +207,121 @@ def _read_body(resp: requests.Response, max_bytes: int) -> bytes:
                          f"{detail})") from exc
     if expected is not None and got < expected and not resp.headers.get("Content-Encoding"):
         raise _Retryable(f"truncated body (got {got} of {expected} bytes)")
-    return b"".join(chunks)
+    return got
 
 
-def fetch(session: requests.Session, url: str, config: FetchConfig,
-          politeness: Politeness | None = None, rng: random.Random | None = None) -> FetchResult:
-    """GET ``url`` with retries; return the body or the reason it could not be had."""
+def _with_retries(session: requests.Session, url: str, config: FetchConfig,
+                  politeness: Politeness | None, read: Callable[[requests.Response, float | None], bytes | None]
+                  ) -> FetchResult:
+    """GET ``url`` until ``read`` accepts a 200 answer, retrying what the policy says to retry."""
     politeness = politeness or Politeness(config.max_rate)
-    last = FetchResult(url=url, ok=False, error="not attempted")
-    for attempt in range(config.max_retries + 1):
+    retry = config.retry()
+    deadline = time.monotonic() + config.deadline if config.deadline else None
+    result = FetchResult(url=url, ok=False, error="not attempted")
+    while True:
         try:
             politeness.wait_turn()
         except _Stop:
-            return FetchResult(url=url, ok=False, error="stopped before completion", attempts=attempt)
-        last.attempts = attempt + 1
+            result.error = "stopped before completion"
+            return result
+        result.attempts += 1
+        retry_after = None
         try:
             with session.get(url, stream=True, timeout=(config.connect_timeout, config.read_timeout),
                              allow_redirects=True, proxies=_env_proxies(url)) as resp:
                 status = resp.status_code
-                ctype = resp.headers.get("Content-Type", "")
-                if status in RETRY_STATUSES:
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    raise _Retryable(f"HTTP {status} {resp.reason or ''}".strip(), status, retry_after)
-                if status != 200:
-                    return FetchResult(url=url, ok=False, error=f"HTTP {status} {resp.reason or ''}".strip(),
-                                       http_status=status, attempts=attempt + 1, content_type=ctype)
-                try:
-                    data = _read_body(resp, config.max_bytes)
-                except ValueError as exc:
-                    return FetchResult(url=url, ok=False, error=str(exc), http_status=status,
-                                       attempts=attempt + 1, content_type=ctype)
-                return FetchResult(url=url, ok=True, data=data, http_status=status,
-                                   attempts=attempt + 1, content_type=ctype)
+                result.http_status, result.content_type = status, resp.headers.get("Content-Type", "")
+                error = f"HTTP {status} {resp.reason or ''}".strip()
+                if retry.is_retry("GET", status, "Retry-After" in resp.headers):
+                    retry = retry.increment("GET", url, response=resp.raw)
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"), config.retry_after_max)
+                    result.error = error
+                elif status != 200:
+                    result.error = error
+                    return result
+                else:
+                    try:
+                        result.data = read(resp, deadline)
+                    except _Fatal as exc:
+                        result.error = str(exc)
+                        return result
+                    result.ok, result.error = True, ""
+                    return result
         except _Retryable as exc:
-            last = FetchResult(url=url, ok=False, error=str(exc), http_status=exc.http_status,
-                               attempts=attempt + 1)
-            retry_after = exc.retry_after
+            result.error = str(exc)
+            retry = _increment(retry, url, exc)
         except requests.exceptions.InvalidURL as exc:
-            return FetchResult(url=url, ok=False, error=f"invalid URL ({exc})", attempts=attempt + 1)
+            result.error = f"invalid URL ({exc})"
+            return result
         except requests.exceptions.Timeout as exc:
-            kind = "connect timeout" if isinstance(exc, requests.exceptions.ConnectTimeout) else "read timeout"
-            last = FetchResult(url=url, ok=False, error=f"{kind} after "
-                               f"{config.connect_timeout if kind == 'connect timeout' else config.read_timeout:g}s",
-                               attempts=attempt + 1)
-            retry_after = None
+            connect = isinstance(exc, requests.exceptions.ConnectTimeout)
+            result.error = (f"{'connect' if connect else 'read'} timeout after "
+                            f"{config.connect_timeout if connect else config.read_timeout:g}s")
+            retry = _increment(retry, url, exc)
         except requests.exceptions.RequestException as exc:
-            last = FetchResult(url=url, ok=False, error=f"connection error ({type(exc).__name__}: "
-                               f"{str(exc)[:200]})", attempts=attempt + 1)
-            retry_after = None
-        if attempt >= config.max_retries:
+            result.error = f"connection error ({type(exc).__name__}: {str(exc)[:200]})"
+            retry = _increment(retry, url, exc)
+        except MaxRetryError:
+            retry = None
+        if retry is None:
             break
+        delay = retry_after if retry_after is not None else retry.get_backoff_time()
+        if deadline is not None and time.monotonic() + delay > deadline:
+            result.error += f" (deadline of {config.deadline:g}s reached)"
+            return result
         if retry_after is not None:
-            delay = min(retry_after, config.retry_after_max)
             politeness.pause_all(delay)  # the server asked everyone to slow down
-            log.debug("%s: %s, Retry-After %.1fs", url, last.error, delay)
-        else:
-            delay = backoff_delay(attempt, config, rng)
-            log.debug("%s: %s, retrying in %.2fs", url, last.error, delay)
+        log.debug("%s: %s, retrying in %.2fs", url, result.error, delay)
         try:
             politeness.sleep(delay)
         except _Stop:
-            last.error += " (stopped before retrying)"
-            return last
-    if last.attempts > 1:
-        last.error += f" (after {last.attempts} attempts)"
-    return last
+            result.error += " (stopped before retrying)"
+            return result
+    if result.attempts > 1:
+        result.error += f" (after {result.attempts} attempts)"
+    return result
+
+
+def _increment(retry: Retry, url: str, exc: Exception) -> Retry | None:
+    try:
+        return retry.increment("GET", url, error=exc)
+    except MaxRetryError:
+        return None
+    except Exception:  # noqa: BLE001 - urllib3 re-raises errors it deems not retryable
+        return None
+
+
+def fetch(session: requests.Session, url: str, config: FetchConfig,
+          politeness: Politeness | None = None) -> FetchResult:
+    """GET ``url`` into memory (at most ``config.max_bytes``) with retries; the body or the reason."""
+    def read(resp, deadline):
+        chunks: list[bytes] = []
+        _stream(resp, config.max_bytes, deadline, chunks.append)
+        return b"".join(chunks)
+
+    return _with_retries(session, url, config, politeness, read)
+
+
+def fetch_to_file(session: requests.Session, url: str, dest: str | os.PathLike[str], config: FetchConfig,
+                  progress: bool = False) -> FetchResult:
+    """GET ``url`` into ``dest`` through a temp file renamed into place only when whole."""
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+
+    def read(resp, deadline):
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with atomic_path(dest, suffix=dest.suffix) as tmp, open(tmp, "wb") as fh, \
+                tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            def sink(chunk: bytes) -> None:
+                fh.write(chunk)
+                bar.update(len(chunk))
+            _stream(resp, config.max_bytes, deadline, sink)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return None
+
+    return _with_retries(session, url, config, None, read)
 
 
 class RobotsRules:

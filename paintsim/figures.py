@@ -1,4 +1,4 @@
-"""Figures people look at: contact sheets of paintings (and, later, neighbour and evaluation plots).
+"""Figures people look at: contact sheets, a painting beside its neighbours, evaluation charts.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` (no pyplot state, no display needed) and saved
 atomically as PNG; ``show=True`` opens the saved figure in a window for ``--show``.
@@ -161,7 +161,7 @@ def neighbor_grid(query_image, query_caption: str, images: Sequence, captions: S
     return out
 
 
-def similarity_histogram(distributions: dict[str, "np.ndarray"], output: str | os.PathLike[str],
+def similarity_histogram(distributions: dict, output: str | os.PathLike[str],
                          title: str | None = None, xlabel: str = "cosine similarity",
                          bins: int = 60, show: bool = False) -> Path:
     """Overlaid, normalised histograms of several score distributions, each mean marked.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import DataPaths, read_manifest, write_json_atomic
+from .artifacts import DataPaths, write_json_atomic
+from .manifest import read_manifest
 from .images import ImageDecodeError, open_image
 
 log = logging.getLogger(__name__)

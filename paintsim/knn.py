@@ -1,4 +1,4 @@
-"""The one blockwise all-pairs kernel: validated features in, exact top-k cosine neighbours out.
+"""The one blockwise all-pairs kernel: unit-row arrays in, exact top-k cosine neighbours out.
 
 Every similarity route of paintsim goes through this module:
 
@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from typing import Iterator
 
 import numpy as np
 
-from .artifacts import DataPaths, load_npy, read_json
-from .cli import UserError
+from .devices import DEFAULT_MEMORY_BUDGET, auto_block_size, available_memory, resolve_device
+from .errors import BadValue
 
 log = logging.getLogger(__name__)
 
-#: Rows must have an L2 norm within this distance of 1 (features.npy is L2-normalised float32).
-UNIT_NORM_TOL = 1e-3
-#: Memory the kernel may use for its score blocks when no budget is given (capped by what is free).
-DEFAULT_MEMORY_BUDGET = 512 * 2**20
 METHODS = ("auto", "symmetric", "dense")
 #: candidates kept beyond k so that exact ties at the k-th place are settled in float64
 RERANK_SPARE = 3
@@ -44,56 +39,14 @@ NEAR_TIE = 1e-5
 
 
 # --------------------------------------------------------------------------------------- inputs
-def _rows_text(rows: np.ndarray, limit: int = 10) -> str:
-    shown = ", ".join(str(int(r)) for r in rows[:limit])
-    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
-    return shown + more
-
-
-def validate_features(features: np.ndarray, names: np.ndarray | None = None,
-                      source: str = "features.npy") -> np.ndarray:
-    """Check features once and return them as C-contiguous float32 ``[N, D]``.
-
-    Raises :class:`UserError` naming ``source`` and the offending row numbers (0-based) for a
-    wrong shape or dtype, non-finite rows, zero rows, rows that are not unit-norm, or names that
-    are not aligned with the rows.
-    """
+def _as_rows(features: np.ndarray, what: str = "features") -> np.ndarray:
+    """The kernel's only check: a 2-D float array, as C-contiguous float32 (validated upstream,
+    by ``paintsim.embeddings``)."""
     arr = np.asarray(features)
-    if arr.ndim != 2:
-        raise UserError(f"{source}: expected a 2-D array [N, D] of embeddings, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UserError(f"{source}: expected floating-point embeddings, got dtype {arr.dtype}")
-    n, d = arr.shape
-    if n < 2 or d < 1:
-        raise UserError(f"{source}: need at least 2 rows and 1 column to find neighbours, "
-                        f"got shape {arr.shape}")
-    nonfinite, zero, off = [], [], []
-    chunk = max(1, (32 * 2**20) // (4 * d))
-    for start in range(0, n, chunk):
-        block = np.asarray(arr[start:start + chunk])
-        finite = np.isfinite(block).all(axis=1)
-        safe = block if finite.all() else np.where(np.isfinite(block), block, 0)
-        norms = np.sqrt(np.einsum("ij,ij->i", safe, safe, dtype=np.float64))
-        rows = np.arange(start, start + len(block))
-        nonfinite.append(rows[~finite])
-        zero.append(rows[finite & (norms == 0)])
-        off.append(rows[finite & (norms != 0) & (np.abs(norms - 1.0) > UNIT_NORM_TOL)])
-    nonfinite, zero, off = (np.concatenate(x) for x in (nonfinite, zero, off))
-    if len(nonfinite):
-        raise UserError(f"{source}: {len(nonfinite)} row(s) contain NaN or infinity: rows "
-                        f"{_rows_text(nonfinite)}; re-extract those images or drop them")
-    if len(zero):
-        raise UserError(f"{source}: {len(zero)} row(s) are all zeros (no direction, no cosine "
-                        f"similarity): rows {_rows_text(zero)}")
-    if len(off):
-        raise UserError(f"{source}: {len(off)} row(s) are not unit-norm (|norm - 1| > "
-                        f"{UNIT_NORM_TOL}): rows {_rows_text(off)}; features must be L2-normalised")
-    if names is not None:
-        names_arr = np.asarray(names)
-        if names_arr.ndim != 1 or len(names_arr) != n:
-            raise UserError(f"image names are not aligned with {source}: {names_arr.shape[0] if names_arr.ndim else 0}"
-                            f" name(s) (shape {names_arr.shape}) for {n} feature rows; rerun "
-                            "extract_features.py so both files come from the same run")
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{what} must be a 2-D float array [N, D], got {arr.dtype} {arr.shape}")
+    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+        return arr
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -102,83 +55,13 @@ def validate_k(k: int, n: int, exclude_self: bool = True) -> int:
     limit = n - 1 if exclude_self else n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= limit:
         what = "other paintings" if exclude_self else "paintings"
-        raise UserError(f"--k must be between 1 and {limit} (there are {limit} {what}), got {k}")
+        raise BadValue("k", k, f"must be between 1 and {limit} (there are {limit} {what})")
     return int(k)
 
 
-def load_features(data_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Load and validate ``features.npy`` + ``image_names.npy`` (+ ``features_meta.json`` or ``{}``)."""
-    paths = DataPaths.of(data_dir)
-    try:
-        features = load_npy(paths.features)
-        names = load_npy(paths.image_names)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    meta: dict = {}
-    if paths.features_meta.exists():
-        try:
-            meta = read_json(paths.features_meta)
-        except ValueError as exc:
-            raise UserError(f"{paths.features_meta} is not valid JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise UserError(f"{paths.features_meta} must hold a JSON object, got {type(meta).__name__}")
-    features = validate_features(features, names, source=str(paths.features))
-    if names.dtype.kind not in "US":
-        raise UserError(f"{paths.image_names}: expected an array of file names, got dtype {names.dtype}")
-    return features, names, meta
-
-
-# ------------------------------------------------------------------------------------ resources
-def available_memory() -> int:
-    """Bytes of memory available now (``MemAvailable``), or 4 GiB when it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
-
-
-def auto_block_size(n: int, bytes_per_score_row: int | None = None,
-                    memory_budget: int | None = None) -> int:
-    """Rows per block so that the block's working set fits ``memory_budget`` bytes.
-
-    The working set of one block of ``b`` rows is about ``b * n * 12`` bytes (scores, a mask and
-    selection scratch); the default budget is ``DEFAULT_MEMORY_BUDGET`` capped at a quarter of
-    the memory available now.
-    """
-    if memory_budget is None:
-        memory_budget = min(DEFAULT_MEMORY_BUDGET, available_memory() // 4)
-    per_row = bytes_per_score_row or 12 * n
-    return int(max(1, min(n, 4096, memory_budget // max(per_row, 1))))
-
-
-def parse_memory(text: str) -> int:
-    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"800000000"`` -> bytes (argparse type)."""
-    import argparse
-
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512M, 2G)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
-    return int(value)
-
-
-def _torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available "
-                        "(use --device cpu or --device auto)")
-    return device
+def check_block_size(block_size: int | None) -> None:
+    if block_size is not None and (isinstance(block_size, bool) or block_size < 1):
+        raise BadValue("block_size", block_size, "must be at least 1")
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -267,7 +150,7 @@ class _Scorer:
         import torch
 
         if self.device == "cpu":
-            # numpy's BLAS sgemm is faster than torch's on the CPU (see the README, Similarity)
+            # numpy's BLAS sgemm is faster than torch's on the CPU (docs/performance.md)
             # a contiguous view of the flat scratch buffer: BLAS writes it in place
             buf = None if out is None else out.reshape(-1)[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
             res = np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
@@ -289,7 +172,9 @@ def score_blocks(features: np.ndarray, *, device: str = "cpu", block_size: int |
 
     Used by ``compute_similarity.py`` to write the full matrix; ``start_row`` resumes mid-way.
     """
-    dev = _torch_device(device)
+    dev = resolve_device(device)
+    features = _as_rows(features)
+    check_block_size(block_size)
     n = features.shape[0]
     block = block_size or auto_block_size(n, 8 * n, memory_budget)
     scorer = _Scorer(features, dev)
@@ -311,14 +196,13 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
     tiles, half the flops) or ``dense`` (row blocks against all rows); both are exact in float32.
     ``block_size``: rows per tile (default: from ``memory_budget`` and free memory).
     """
-    features = validate_features(features)
+    features = _as_rows(features)
     n = features.shape[0]
     k = validate_k(k, n, exclude_self)
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    dev = _torch_device(device)
-    if block_size is not None and block_size < 1:
-        raise UserError(f"--block-size must be at least 1, got {block_size}")
+        raise BadValue("method", method, f"choose one of {', '.join(METHODS)}")
+    check_block_size(block_size)
+    dev = resolve_device(device)
     # a few spare candidates let the float64 re-ranking settle exact ties at the k-th place
     keep = min(k + RERANK_SPARE, n - 1 if exclude_self else n)
     if method == "dense":
@@ -405,7 +289,7 @@ def _tile_shape(n: int, dev: str, block_size: int | None, memory_budget: int | N
         memory_budget = min(DEFAULT_MEMORY_BUDGET if dev == "cpu" else 4 * DEFAULT_MEMORY_BUDGET,
                             available_memory() // 4)
     # CPU: 4096 x 8192 tiles measured 13% faster than 2048 x 4096 at N = 50,000 (fewer merges
-    # per flop; the README, Similarity); GPU: large tiles to fill the device
+    # per flop; docs/performance.md); GPU: large tiles to fill the device
     cap = 4096 if dev == "cpu" else 8192
     rows = int(max(1, min(n, cap, math.isqrt(max(1, memory_budget // 24)))))  # rows x 2 rows tile
     return rows, min(n, 2 * rows)
@@ -523,14 +407,13 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
     """
     import torch
 
-    features = validate_features(features)
-    q = np.atleast_2d(np.asarray(queries))
-    q = validate_features(q, source="queries") if len(q) >= 2 else _validate_one_query(q)
+    features = _as_rows(features)
+    q = _as_rows(np.atleast_2d(np.asarray(queries)), "queries")
     if q.shape[1] != features.shape[1]:
-        raise UserError(f"queries have dimension {q.shape[1]} but features have {features.shape[1]}")
+        raise ValueError(f"queries have dimension {q.shape[1]} but features have {features.shape[1]}")
     k_out = validate_k(k, features.shape[0], exclude_self=False)
     k = min(k_out + RERANK_SPARE, features.shape[0])
-    dev = _torch_device(device)
+    dev = resolve_device(device)
     n = features.shape[0]
     scorer = _Scorer(features, dev)
     qt = torch.from_numpy(q).to(dev)
@@ -552,28 +435,5 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
     return settle_near_ties(q, features, out_idx, out_val, k_out)
 
 
-def _validate_one_query(q: np.ndarray) -> np.ndarray:
-    if q.ndim != 2 or not np.issubdtype(q.dtype, np.floating):
-        raise UserError(f"queries: expected float vectors [q, D], got {q.dtype} {q.shape}")
-    if not np.isfinite(q).all():
-        raise UserError("queries: row 0 contains NaN or infinity")
-    norm = float(np.linalg.norm(q.astype(np.float64)))
-    if norm == 0 or abs(norm - 1) > UNIT_NORM_TOL:
-        raise UserError(f"queries: row 0 is not unit-norm (norm {norm:.6g})")
-    return np.ascontiguousarray(q, dtype=np.float32)
-
-
-def brute_force_float64(features: np.ndarray, k: int, exclude_self: bool = True):
-    """Reference: the whole float64 matrix, then a stable sort (tests and small N only)."""
-    x = np.asarray(features, dtype=np.float64)
-    s = x @ x.T
-    if exclude_self:
-        np.fill_diagonal(s, -np.inf)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return order.astype(np.int32), np.take_along_axis(s, order, 1)
-
-
-__all__ = ["load_features", "validate_features", "validate_k", "top_k_neighbors", "search",
-           "select_top_k", "merge_top_k", "score_blocks", "auto_block_size", "parse_memory",
-           "available_memory", "brute_force_float64", "UNIT_NORM_TOL", "METHODS"]
-
+__all__ = ["validate_k", "check_block_size", "top_k_neighbors", "search", "select_top_k", "merge_top_k",
+           "score_blocks", "auto_block_size", "METHODS"]

@@ -19,7 +19,6 @@ Blocks are deterministic, so the resumed file holds exactly the values of an uni
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,8 @@ from typing import Iterator
 import numpy as np
 
 from .artifacts import read_json, write_json_atomic
-from .cli import UserError
+from .devices import auto_block_size
+from .errors import BadValue, UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ DATASET = "similarity"
 NAMES = "image_names"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
+#: How far a stored score may be from the float32 dot product: float16 keeps ~3 decimals, so two
+#: neighbours this close to the k-th may swap places between the matrix and the streamed route.
+SCORE_TOLERANCE = {"float16": 2e-3, "float32": 1e-4}
 #: bytes of one HDF5 chunk (a band of whole rows), small enough for the chunk cache
 CHUNK_BYTES = 1 << 20
 #: room kept free on the disk beyond the file itself
@@ -51,16 +54,6 @@ def partial_path(path: Path) -> Path:
 
 def state_path(path: Path) -> Path:
     return path.with_name(path.name + ".progress.json")
-
-
-def features_fingerprint(features: np.ndarray) -> str:
-    """SHA-256 of the float32 features (shape included): which features a matrix was computed from."""
-    h = hashlib.sha256(f"{features.shape}|{features.dtype}".encode())
-    flat = np.ascontiguousarray(features).reshape(-1).view(np.uint8)
-    step = 64 * 2**20
-    for start in range(0, flat.size, step):
-        h.update(memoryview(flat[start:start + step]))
-    return h.hexdigest()
 
 
 def rows_per_chunk(n: int, itemsize: int) -> int:
@@ -81,17 +74,6 @@ def check_free_space(path: Path, needed: int) -> None:
             f"{DISK_MARGIN / 2**20:.0f} MiB margin) but {path.parent} has only {free / 2**30:.2f} GiB "
             "free; free some space, write elsewhere with --output, use --dtype float16, or skip "
             "the full matrix and run optimized_similarity.py (it needs no matrix)")
-
-
-def is_complete(path: Path) -> bool:
-    """True when ``path`` is a finished matrix file (opens, has the datasets, ``complete`` set)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete", False)) and DATASET in f and NAMES in f
-    except (OSError, KeyError):
-        return False
 
 
 def _create(partial: Path, n: int, dtype: str, names: np.ndarray, attrs: dict) -> None:
@@ -125,11 +107,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_matrix(features: np.ndarray, names: np.ndarray, meta: dict, path: Path, *,
-                 dtype: str = "float16", block_size: int | None = None, device: str = "cpu",
-                 progress: bool = True, source: str = "features.npy",
+def write_matrix(emb, path: Path, *, dtype: str = "float16", block_size: int | None = None,
+                 device: str = "cpu", progress: bool = True,
                  memory_budget: int | None = None) -> dict:
-    """Write (or finish, or keep) the full similarity matrix of ``features`` at ``path``.
+    """Write (or finish, or keep) the full similarity matrix of ``emb`` (an ``Embeddings``) at ``path``.
 
     Returns a summary dict (``status``: ``complete``/``resumed``/``computed``, rows, seconds, bytes).
     """
@@ -139,23 +120,26 @@ def write_matrix(features: np.ndarray, names: np.ndarray, meta: dict, path: Path
     from . import knn
 
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise BadValue("dtype", dtype, f"choose one of {', '.join(DTYPES)}")
+    knn.check_block_size(block_size)
     path = Path(path)
+    features = emb.features
     n = features.shape[0]
-    fingerprint = features_fingerprint(features)
+    fingerprint = emb.sha256
     itemsize = np.dtype(dtype).itemsize
     chunk_rows = rows_per_chunk(n, itemsize)
-    if block_size is not None and block_size < 1:
-        raise UserError(f"--block-size must be at least 1, got {block_size}")
-    block = block_size or knn.auto_block_size(n, 4 * n + itemsize * n, memory_budget)
+    block = block_size or auto_block_size(n, 4 * n + itemsize * n, memory_budget)
     if block_size is None and block > chunk_rows:
         block -= block % chunk_rows  # whole chunks per block
     identity = {"format_version": FORMAT_VERSION, "features_sha256": fingerprint, "n": n,
                 "dim": int(features.shape[1]), "dtype": dtype, "block_rows": int(block)}
 
-    if path.exists() and is_complete(path):
-        with h5py.File(path, "r") as f:
-            same = (f.attrs.get("features_sha256") == fingerprint and f[DATASET].dtype == np.dtype(dtype))
+    if path.exists():
+        try:
+            with MatrixReader(path) as done:
+                same = done.features_sha256 == fingerprint and done.dtype == dtype
+        except UserError:
+            same = False
         if same:
             log.info("%s is already complete for these features; nothing to do", path)
             return {"status": "complete", "rows": n, "seconds": 0.0, "bytes": path.stat().st_size}
@@ -166,10 +150,10 @@ def write_matrix(features: np.ndarray, names: np.ndarray, meta: dict, path: Path
     if start_row == 0:
         check_free_space(path, matrix_bytes(n, dtype) + n * 256)
         attrs = {**{k: v for k, v in identity.items() if k != "block_rows"},
-                 "source": source, "computed_with": "paintsim.knn.score_blocks",
-                 "features_meta": json.dumps(meta, sort_keys=True, default=str),
+                 "source": str(emb.paths.features), "computed_with": "paintsim.knn.score_blocks",
+                 "features_meta": json.dumps(emb.meta, sort_keys=True, default=str),
                  "created_by": "compute_similarity.py"}
-        _create(partial, n, dtype, names, attrs)
+        _create(partial, n, dtype, emb.names, attrs)
         write_json_atomic(state_file, {**identity, "rows_done": 0})
         status = "computed"
     else:
@@ -219,83 +203,175 @@ def _resume_point(partial: Path, state_file: Path, identity: dict) -> int:
         with h5py.File(partial, "r") as f:
             ok = (f[DATASET].shape == (identity["n"], identity["n"])
                   and f.attrs.get("features_sha256") == identity["features_sha256"])
-    except (OSError, KeyError):
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
         log.warning("%s does not open cleanly; starting the matrix again", partial)
         return 0
-    rows = int(state.get("rows_done", 0))
-    return rows if 0 <= rows <= identity["n"] else 0
+    rows = state.get("rows_done")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= identity["n"]:
+        log.warning("%s records rows_done=%r; starting the matrix again", state_file, rows)
+        return 0
+    return rows
 
 
-def open_matrix(path: Path):
-    """Open a finished matrix for reading; an unfinished or foreign file is a clear error."""
-    import h5py
+class MatrixReader:
+    """A finished matrix, opened for reading and checked: the one reader of ``similarity_scores.h5``.
 
-    path = Path(path)
-    if not path.exists():
-        hint = (f" ({partial_path(path).name} is an unfinished run: rerun compute_similarity.py "
-                "to finish it)" if partial_path(path).exists() else "")
-        raise FileNotFoundError(f"{path} does not exist: run compute_similarity.py first{hint}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"{path} is not a readable HDF5 file ({exc}); rerun compute_similarity.py") from exc
-    if DATASET not in f or NAMES not in f:
-        f.close()
-        raise UserError(f"{path} has no '{DATASET}' and '{NAMES}' datasets: not a paintsim matrix")
-    if not bool(f.attrs.get("complete", False)):
-        f.close()
-        raise UserError(f"{path} is marked incomplete; rerun compute_similarity.py to finish it")
-    shape = f[DATASET].shape
-    if len(shape) != 2 or shape[0] != shape[1] or shape[0] != len(f[NAMES]):
-        f.close()
-        raise UserError(f"{path}: '{DATASET}' has shape {shape} but there are {len(f[NAMES])} names")
-    return f
+    Refuses (as :class:`UserError`) a file that does not open, lacks the two datasets, is not
+    marked ``complete``, or whose shape does not match its names. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import h5py
+
+        self.path = path = Path(path)
+        if not path.exists():
+            hint = (f" ({partial_path(path).name} is an unfinished run: rerun compute_similarity.py "
+                    "to finish it)" if partial_path(path).exists() else "")
+            raise FileNotFoundError(f"{path} does not exist: run compute_similarity.py first{hint}")
+        try:
+            self._f = h5py.File(path, "r")
+        except OSError as exc:
+            raise UserError(f"{path} is not a readable HDF5 file ({exc}); rerun compute_similarity.py") from None
+        try:
+            self._check(h5py)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _check(self, h5py) -> None:
+        f, path = self._f, self.path
+        ds, names = f.get(DATASET), f.get(NAMES)
+        if not isinstance(ds, h5py.Dataset) or not isinstance(names, h5py.Dataset):
+            raise UserError(f"{path} has no '{DATASET}' and '{NAMES}' datasets: not a paintsim matrix")
+        if not bool(f.attrs.get("complete", False)):
+            raise UserError(f"{path} is not complete (its `complete` attribute is false); rerun "
+                            "compute_similarity.py to finish it")
+        if ds.ndim != 2 or ds.shape[0] != ds.shape[1] or names.ndim != 1 or ds.shape[0] != names.shape[0]:
+            raise UserError(f"{path}: '{DATASET}' has shape {ds.shape} but there are {names.shape} names")
+        if ds.dtype.kind != "f" or names.dtype.kind not in "SO":
+            raise UserError(f"{path}: '{DATASET}' holds {ds.dtype} and '{NAMES}' {names.dtype}; "
+                            "expected float scores and UTF-8 names")
+        self.dataset = ds
+        self.n = int(ds.shape[0])
+        self.dtype = str(ds.dtype)
+        self.chunk_rows = int(ds.chunks[0]) if ds.chunks else 64
+        self.attrs = {key: (v.item() if hasattr(v, "item") else v) for key, v in f.attrs.items()}
+        sha = self.attrs.get("features_sha256")
+        self.features_sha256 = sha.decode() if isinstance(sha, bytes) else sha
+
+    def __enter__(self) -> "MatrixReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def tolerance(self) -> float:
+        return SCORE_TOLERANCE.get(self.dtype, SCORE_TOLERANCE["float16"])
+
+    def names(self) -> np.ndarray:
+        raw = self._f[NAMES][...]
+        try:
+            return np.array([x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in raw])
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{self.path}: '{NAMES}' is not UTF-8 ({exc})") from None
+
+    def stale_reason(self, emb) -> str | None:
+        """Why this matrix does not belong to ``emb`` (other names or other features), or None."""
+        if self.n != len(emb):
+            return f"it is {self.n} x {self.n} but features.npy has {len(emb)} rows"
+        if not np.array_equal(self.names(), emb.names):
+            return "it was computed for other images than image_names.npy"
+        if self.features_sha256 is not None and self.features_sha256 != emb.sha256:
+            return "it was computed from other features than features.npy"
+        return None
+
+    def row_blocks(self, block_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(r0, r1, rows as float32)``, ``block_rows`` rows at a time (one buffer reused)."""
+        n = self.n
+        buf = np.empty((min(block_rows, n), n), dtype=np.float32)
+        for r0 in range(0, n, block_rows):
+            r1 = min(n, r0 + block_rows)
+            out = buf[: r1 - r0]
+            self.dataset.read_direct(out, np.s_[r0:r1])
+            yield r0, r1, out
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        return np.asarray(self.dataset[r0:r1, :], dtype=np.float32)
 
 
-def read_names(f) -> np.ndarray:
-    return np.char.decode(f[NAMES][...], "utf-8")
-
-
-def iter_row_blocks(f, block_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(r0, r1, rows as float32)`` of an open matrix, ``block_rows`` rows at a time."""
-    dset = f[DATASET]
-    n = dset.shape[0]
-    buf = np.empty((min(block_rows, n), n), dtype=np.float32)
-    for r0 in range(0, n, block_rows):
-        r1 = min(n, r0 + block_rows)
-        out = buf[: r1 - r0]
-        dset.read_direct(out, np.s_[r0:r1])
-        yield r0, r1, out
-
-
-def top_k_from_matrix(path: Path, k: int, *, block_size: int | None = None,
+def top_k_from_matrix(reader: MatrixReader, k: int, *, block_size: int | None = None,
                       progress: bool = False, memory_budget: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Each row's top ``k`` (self excluded) from a finished matrix, reading one row block at a time.
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top ``k`` (self excluded) of a finished matrix, one row block at a time.
 
-    Returns ``(index int32 [N, k], score float32 [N, k], image_names, attrs)``.
+    Returns ``(index int32 [N, k], score float32 [N, k])``.
     """
     import torch
     from tqdm import tqdm
 
     from . import knn
 
-    with open_matrix(path) as f:
-        n = f[DATASET].shape[0]
-        k = knn.validate_k(k, n)
-        block = block_size or knn.auto_block_size(n, 12 * n, memory_budget)
-        names = read_names(f)
-        attrs = {key: (v.item() if hasattr(v, "item") else v) for key, v in f.attrs.items()}
-        out_idx = np.empty((n, k), dtype=np.int32)
-        out_val = np.empty((n, k), dtype=np.float32)
-        with torch.inference_mode(), tqdm(total=n, unit="row", desc="top-k", disable=not progress,
-                                          dynamic_ncols=True, mininterval=0.5) as bar:
-            for r0, r1, rows in iter_row_blocks(f, block):
-                s = torch.from_numpy(rows)
-                v, i = knn.select_top_k(s, k, 0, torch.arange(r0, r1))
-                out_idx[r0:r1] = i.numpy()
-                out_val[r0:r1] = v.numpy()
-                bar.update(r1 - r0)
-    return out_idx, out_val, names, attrs
+    knn.check_block_size(block_size)
+    n = reader.n
+    k = knn.validate_k(k, n)
+    block = block_size or auto_block_size(n, 12 * n, memory_budget)
+    out_idx = np.empty((n, k), dtype=np.int32)
+    out_val = np.empty((n, k), dtype=np.float32)
+    with torch.inference_mode(), tqdm(total=n, unit="row", desc="top-k", disable=not progress,
+                                      dynamic_ncols=True, mininterval=0.5) as bar:
+        for r0, r1, rows in reader.row_blocks(block):
+            v, i = knn.select_top_k(torch.from_numpy(rows), k, 0, torch.arange(r0, r1))
+            out_idx[r0:r1] = i.numpy()
+            out_val[r0:r1] = v.numpy()
+            bar.update(r1 - r0)
+    return out_idx, out_val
+
+
+def check_pairs(path: Path, emb, i: np.ndarray, j: np.ndarray, values: np.ndarray, *,
+                max_rows: int, seed: int, progress: bool = False) -> dict:
+    """Read pairs ``(i, j)`` back from the matrix and compare them with ``values`` (the same
+    pairs' scores from the features). Whole row chunks are read in a seeded random order until
+    ``max_rows`` rows have been read, so the check costs at most that many rows of I/O and one
+    chunk of memory, whatever N is. A missing, unfinished or stale matrix is skipped, with why.
+    """
+    from tqdm.auto import tqdm
+
+    if not Path(path).exists():
+        return {"status": "skipped", "reason": f"{Path(path).name} not present (compute_similarity.py not run)"}
+    try:
+        reader = MatrixReader(path)
+    except (UserError, FileNotFoundError) as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    with reader:
+        stale = reader.stale_reason(emb)
+        if stale:
+            return {"status": "skipped", "reason": f"{reader.path.name} is stale: {stale}"}
+        chunk_rows = max(1, min(reader.chunk_rows, 2 * max(1, (1 << 25) // reader.n)))
+        blocks = i // chunk_rows
+        order = np.random.default_rng(seed + 1).permutation(np.unique(blocks))
+        from_h5, from_feat = [], []
+        rows_read = 0
+        for b in tqdm(order, desc="reading pairs from the matrix", unit="block", disable=not progress):
+            if rows_read >= max_rows:
+                break
+            s = int(b) * chunk_rows
+            e = min(reader.n, s + chunk_rows)
+            block = reader.rows(s, e)
+            rows_read += e - s
+            sel = np.flatnonzero(blocks == b)
+            from_h5.append(block[i[sel] - s, j[sel]])
+            from_feat.append(values[sel])
+        h5v, fv = np.concatenate(from_h5), np.concatenate(from_feat)
+        diff = np.abs(h5v - fv)
+        tol = reader.tolerance
+        return {"status": "agree" if float(diff.max()) <= tol else "DISAGREE", "dtype": reader.dtype,
+                "pairs_compared": int(h5v.size), "rows_read": int(rows_read),
+                "inter_from_matrix": float(h5v.mean()),
+                "inter_from_features_same_pairs": float(fv.mean()),
+                "max_abs_diff": float(diff.max()), "tolerance": tol}

@@ -2,7 +2,7 @@
 
 Everything here works on arrays already in memory and small enough to hold (rankings ``[Q, k]``,
 one pair of images); ``paintsim.evaluate`` streams the collection through them in blocks. The
-definitions are the ones written down in the README's evaluation section:
+definitions are the ones written down in docs/evaluation.md:
 
 * ``precision@k`` = (relevant items among the first k retrieved) / k
 * ``recall@k`` = (relevant items among the first k retrieved) / R, R = number of relevant items

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artifacts import atomic_path
-from .cli import UserError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,8 @@ NGA_TABLES_URL = "https://raw.githubusercontent.com/NationalGalleryOfArt/opendat
 PUBLISHED_IMAGES = "published_images.csv"
 OBJECTS = "objects.csv"
 TABLES = (PUBLISHED_IMAGES, OBJECTS)
+#: Largest table accepted (objects.csv is the big one, a few hundred MB with its provenance texts).
+TABLE_MAX_BYTES = 4 * 2**30
 
 REQUIRED_COLUMNS = {
     PUBLISHED_IMAGES: ("uuid", "iiifurl", "viewtype", "depictstmsobjectid"),
@@ -45,57 +46,41 @@ _TRUE = {"1", "true", "t", "yes", "y"}
 
 
 # ----------------------------------------------------------------------------------------- fetch
-def fetch_tables(csv_dir: str | os.PathLike[str], base_url: str = NGA_TABLES_URL, session=None,
-                 progress: bool = True, timeout: tuple[float, float] = (10.0, 60.0),
-                 user_agent: str | None = None) -> list[Path]:
+def fetch_tables(csv_dir: str | os.PathLike[str], base_url: str = NGA_TABLES_URL, config=None,
+                 progress: bool = True) -> list[Path]:
     """Download whichever of the two tables ``csv_dir`` lacks; return the paths fetched.
 
-    Each file streams to a temp file beside its final name (with a progress bar) and is renamed
-    into place only when complete, so an interrupted download never leaves a truncated table.
+    Each file streams through the project's HTTP client (retries, timeouts, User-Agent) to a temp
+    file beside its final name and is renamed into place only when whole, so an interrupted
+    download never leaves a truncated table.
     """
-    import requests
-    from tqdm.auto import tqdm
+    from dataclasses import replace
 
-    from .fetch import default_user_agent
+    from .fetch import FetchConfig, fetch_to_file, make_session
 
     csv_dir = Path(csv_dir)
     missing = [name for name in TABLES if not (csv_dir / name).is_file()]
     if not missing:
         return []
-    own_session = session is None
-    session = session or requests.Session()
-    session.headers.setdefault("User-Agent", user_agent or default_user_agent())
+    # the tables are large text files: no image-sized cap, a generous deadline
+    config = replace(config or FetchConfig(), max_bytes=TABLE_MAX_BYTES, deadline=3600.0)
     fetched = []
-    try:
+    with make_session(1, config.user_agent) as session:
         for name in missing:
             url = f"{base_url.rstrip('/')}/{name}"
             dest = csv_dir / name
             log.info("fetching %s -> %s", url, dest)
-            try:
-                with session.get(url, stream=True, timeout=timeout) as resp:
-                    if resp.status_code != 200:
-                        raise UserError(f"could not fetch {url}: HTTP {resp.status_code} {resp.reason}; "
-                                        f"download it by hand into {csv_dir}/ or pass --csv-dir")
-                    total = int(resp.headers.get("Content-Length") or 0) or None
-                    with atomic_path(dest, suffix=".csv") as tmp, open(tmp, "wb") as fh, \
-                            tqdm(total=total, unit="B", unit_scale=True, desc=name,
-                                 disable=not progress) as bar:
-                        got = 0
-                        for chunk in resp.iter_content(chunk_size=1 << 16):
-                            fh.write(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-                        if total is not None and got < total:
-                            raise UserError(f"{url}: connection closed after {got} of {total} bytes; rerun")
-            except requests.RequestException as exc:
-                raise UserError(f"could not fetch the NGA table {url} ({type(exc).__name__}: {exc}). "
-                                f"Are you offline? Download {name} from "
+            res = fetch_to_file(session, url, dest, config, progress=progress)
+            if res.ok:
+                fetched.append(dest)
+            elif res.http_status is not None:
+                raise UserError(f"could not fetch {url}: {res.error}; download it by hand into "
+                                f"{csv_dir}/ or pass --csv-dir")
+            else:
+                raise UserError(f"could not fetch the NGA table {url} ({res.error}). Are you offline? "
+                                f"Download {name} from "
                                 "https://github.com/NationalGalleryOfArt/opendata/tree/main/data "
-                                f"into {csv_dir}/ or pass --csv-dir DIR") from exc
-            fetched.append(dest)
-    finally:
-        if own_session:
-            session.close()
+                                f"into {csv_dir}/ or pass --csv-dir DIR")
     return fetched
 
 

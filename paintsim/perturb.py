@@ -14,7 +14,7 @@ Strengths (all drawn uniformly from the stated ranges with the given generator):
 ``jitter``  brightness, contrast and saturation each scaled by a factor in [0.9, 1.1]
 ``blur``    Gaussian blur with radius 0.5..1.0 % of the longer side (1-2 px on a 200 px thumb)
 ``jpeg``    re-encode as JPEG at quality 60..85
-``combo``   crop, rotate, jitter and jpeg in that order (the issue's "perturbed copy")
+``combo``   crop, rotate, jitter and jpeg in that order (a second photograph's usual differences)
 ==========  =================================================================================
 
 The strengths are those of a second photograph of the same painting, not data augmentation: at

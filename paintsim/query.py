@@ -17,46 +17,47 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DataPaths, load_neighbors, load_npy, read_json, read_manifest
-from .cli import UserError
+from .embeddings import Embeddings
+from .errors import UserError
 from .iiif import UUID_RE
+from .manifest import manifest_by_name
 
 log = logging.getLogger(__name__)
 
-
 #: Largest body fetched for ``--image URL`` (a painting photo is a few MB; this stops a runaway).
 MAX_URL_BYTES = 50 * 1024 * 1024
-URL_TIMEOUT = (10, 60)
-USER_AGENT = "paintsim/0.1 (painting similarity; display_similar.py --image)"
+#: Seconds ``--image URL`` may take in all (a server sending one byte per second is cut off).
+URL_DEADLINE = 120.0
 
 PREFIXES = ("row", "file", "uuid", "objectid")
 
 
 @dataclass
 class Collection:
-    """The embedded collection of one data directory, loaded lazily and without pickle."""
+    """The embedded collection of one data directory, with its manifest loaded on first use."""
 
-    paths: DataPaths
-    names: np.ndarray
-    features: np.ndarray  # memory-mapped float32 [N, D]
+    emb: Embeddings
     _manifest: Any = field(default=None, repr=False)
     _manifest_loaded: bool = field(default=False, repr=False)
-    _image_dir: Path | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str]) -> "Collection":
-        paths = DataPaths.of(data_dir)
-        names = load_npy(paths.image_names)
-        features = load_npy(paths.features, mmap=True)
-        if features.ndim != 2 or names.ndim != 1 or len(names) != features.shape[0]:
-            raise UserError(f"{paths.features} {features.shape} and {paths.image_names} {names.shape} "
-                            "do not match: rerun extract_features.py")
-        if not np.issubdtype(features.dtype, np.floating):
-            raise UserError(f"{paths.features} holds {features.dtype}, expected float32 embeddings")
-        return cls(paths=paths, names=names.astype(str), features=features)
+        return cls(Embeddings.load(data_dir))
+
+    @property
+    def paths(self):
+        return self.emb.paths
+
+    @property
+    def names(self) -> np.ndarray:
+        return self.emb.names
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.emb.features
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.emb)
 
     @property
     def manifest(self):
@@ -64,9 +65,7 @@ class Collection:
         if not self._manifest_loaded:
             self._manifest_loaded = True
             if self.paths.manifest.exists():
-                df = read_manifest(self.paths.manifest)
-                df = df.assign(name=df["file"].map(lambda f: Path(f).name))
-                self._manifest = df.drop_duplicates("name").set_index("name", drop=False)
+                self._manifest = manifest_by_name(self.paths.manifest)
             else:
                 log.warning("%s is missing: captions will show file names only", self.paths.manifest)
         return self._manifest
@@ -84,12 +83,8 @@ class Collection:
         return out
 
     def image_path(self, row: int) -> Path:
-        """The image of a row: its basename inside ``images/`` (or the ``--images-dir`` recorded in
-        ``features_meta.json``); a manifest field never becomes a path."""
-        if self._image_dir is None:
-            meta = read_json(self.paths.features_meta) if self.paths.features_meta.exists() else None
-            self._image_dir = self.paths.images_source(meta)
-        return self._image_dir / Path(str(self.names[row])).name
+        """The image of a row (a manifest field never becomes a path)."""
+        return self.emb.image_path(row)
 
 
 # --------------------------------------------------------------------------- resolving --query
@@ -193,54 +188,31 @@ def random_query(coll: Collection, seed: int) -> int:
 # --------------------------------------------------------------------------- neighbours
 
 def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
-    """Top-k neighbours of a collection row (self excluded): (rows, scores, source)."""
-    if not 1 <= k < len(coll):
-        raise UserError(f"--k {k}: must be between 1 and {len(coll) - 1} (the collection has {len(coll)} images)")
-    for table_path in sorted(coll.paths.root.glob("top_*_similar.npy"), key=_table_k):
-        table_k = _table_k(table_path)
-        if table_k < k:
-            continue
-        try:
-            table = load_neighbors(table_path)
-        except ValueError as exc:
-            log.warning("ignoring %s: %s", table_path, exc)
-            continue
-        if len(table) != len(coll) or table["index"].shape[1] < k:
-            log.warning("ignoring %s: %d rows for %d images (stale; rerun optimized_similarity.py)",
-                        table_path, len(table), len(coll))
-            continue
-        if _older_than(table_path, coll.paths.features):
-            log.warning("%s is older than %s: it may be stale", table_path, coll.paths.features)
-        rec = table[row]
-        return rec["index"][:k].astype(np.int64), rec["score"][:k].astype(np.float32), str(table_path)
-    from . import knn
-    from .cli import resolve_device
+    """Top-k neighbours of a collection row (self excluded): (rows, scores, where they came from).
 
+    From the neighbour table the one lookup finds (``paintsim.neighbours.find_table``), else by an
+    exact search of the features.
+    """
+    from . import knn, neighbours
+
+    k = knn.validate_k(k, len(coll))
+    table = neighbours.find_table(coll.paths, k, len(coll), coll.emb.sha256)
+    if table is not None:
+        return table.index[row, :k].astype(np.int64), table.score[row, :k].astype(np.float32), table.describe()
     log.info("no neighbour table with k >= %d in %s: searching %s directly", k, coll.paths.root,
              coll.paths.features)
     idx, score = knn.search(np.asarray(coll.features[row:row + 1], dtype=np.float32), coll.features,
-                            k + 1, device=resolve_device(device))
+                            k + 1, device=device)
     idx, score = idx[0], score[0]
     keep = idx != row
-    return idx[keep][:k].astype(np.int64), score[keep][:k].astype(np.float32), str(coll.paths.features)
-
-
-def _table_k(path: Path) -> int:
-    m = re.fullmatch(r"top_(\d+)_similar\.npy", path.name)
-    return int(m.group(1)) if m else -1
-
-
-def _older_than(a: Path, b: Path) -> bool:
-    try:
-        return a.stat().st_mtime < b.stat().st_mtime
-    except OSError:
-        return False
+    return (idx[keep][:k].astype(np.int64), score[keep][:k].astype(np.float32),
+            f"an exact search of {coll.paths.features.name}")
 
 
 # --------------------------------------------------------------------------- outside images
 
 def load_outside_image(source: str, max_bytes: int = MAX_URL_BYTES):
-    """Open ``--image``: a local file, or an http(s) URL fetched with a size limit; RGB PIL image."""
+    """Open ``--image``: a local file, or an http(s) URL fetched with a size and time limit; RGB."""
     from .images import ImageDecodeError, decode_image, load_rgb
 
     try:
@@ -256,52 +228,31 @@ def load_outside_image(source: str, max_bytes: int = MAX_URL_BYTES):
         raise UserError(f"--image: {exc}") from exc
 
 
-def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES) -> bytes:
-    """GET ``url`` with timeouts, refusing bodies over ``max_bytes``; errors become UserError."""
-    import requests
+def fetch_url(url: str, max_bytes: int = MAX_URL_BYTES, deadline: float = URL_DEADLINE) -> bytes:
+    """GET ``url`` through the project's HTTP client, capped in size and in total time."""
+    from .fetch import FetchConfig, fetch, make_session
 
-    try:
-        with requests.get(url, stream=True, timeout=URL_TIMEOUT, headers={"User-Agent": USER_AGENT}) as resp:
-            if resp.status_code != 200:
-                raise UserError(f"--image {url}: HTTP {resp.status_code} {resp.reason}")
-            declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise UserError(f"--image {url}: {int(declared)} bytes exceeds the limit of {max_bytes}")
-            chunks, total = [], 0
-            for chunk in resp.iter_content(chunk_size=1 << 16):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise UserError(f"--image {url}: body exceeds the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as exc:
-        raise UserError(f"--image {url}: could not fetch it ({exc.__class__.__name__}: {exc})") from exc
+    config = FetchConfig(max_bytes=max_bytes, deadline=deadline, max_retries=2)
+    with make_session(1, config.user_agent) as session:
+        res = fetch(session, url, config)
+    if not res.ok:
+        raise UserError(f"--image {url}: {res.error}")
+    return res.data or b""
 
 
 def embed_outside_image(coll: Collection, img, device: str = "auto", weights: str | None = None) -> np.ndarray:
     """Embed an outside image exactly as the collection was embedded (``features_meta.json``)."""
-    from .extract import Embedder
+    from .embedder import Embedder
 
-    if not coll.paths.features_meta.exists():
-        raise UserError(f"{coll.paths.features_meta} is missing: it records the backbone, weights and "
-                        "preprocessing needed to embed an outside image; rerun extract_features.py")
-    meta = read_json(coll.paths.features_meta)
-    embedder = Embedder.from_meta(meta, device=device, weights=weights)
-    vec = np.asarray(embedder.embed([img]), dtype=np.float32)
-    if vec.shape != (1, coll.features.shape[1]):
-        raise UserError(f"the embedder gives {vec.shape[1:]} features but {coll.paths.features} has "
-                        f"{coll.features.shape[1]}: features_meta.json does not describe features.npy")
-    return vec
+    embedder = Embedder.for_collection(coll.emb, device=device, weights=weights)
+    return np.asarray(embedder.embed([img]), dtype=np.float32)
 
 
 def search_outside(coll: Collection, vec: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Top-k collection rows for an embedded outside image (nothing excluded)."""
     from . import knn
-    from .cli import resolve_device
 
-    if not 1 <= k <= len(coll):
-        raise UserError(f"--k {k}: must be between 1 and {len(coll)}")
-    idx, score = knn.search(vec, coll.features, k, device=resolve_device(device))
+    idx, score = knn.search(vec, coll.features, k, device=device)
     return idx[0].astype(np.int64), score[0].astype(np.float32)
 
 

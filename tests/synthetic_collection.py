@@ -13,7 +13,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from paintsim.artifacts import MANIFEST_COLUMNS, save_neighbors, save_npy_atomic, write_manifest
+from paintsim.artifacts import save_npy_atomic
+from paintsim.embeddings import array_sha256
+from paintsim.manifest import MANIFEST_COLUMNS, write_manifest
+from paintsim.neighbours import save_table
+from reference import brute_force_float64
 
 
 def _image(grid: np.ndarray, size: int) -> Image.Image:
@@ -62,16 +66,10 @@ def make_collection(root: Path, n_random: int = 60, n_groups: int = 5, copies: i
     write_manifest(root / "manifest.csv", pd.DataFrame(rows))
     save_npy_atomic(root / "features.npy", feats)
     save_npy_atomic(root / "image_names.npy", names)
-    index, score = brute_force_top_k(feats, k)
+    index, score = brute_force_float64(feats, k)
+    score = score.astype(np.float32)
     if with_table:
-        save_neighbors(root / f"top_{k}_similar.npy", index, score)
+        save_table(root / f"top_{k}_similar.npy", index, score, route="streamed",
+                   features_sha256=array_sha256(feats))
     return {"root": root, "features": feats, "names": names, "group_of": group_of, "index": index,
             "score": score, "objectids": [str(1000 + i) for i in range(n)], "uuids": uuids}
-
-
-def brute_force_top_k(feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by float64 dot product, self excluded, ties by the lower index."""
-    s = feats.astype(np.float64) @ feats.T.astype(np.float64)
-    np.fill_diagonal(s, -np.inf)
-    index = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return index.astype(np.int32), np.take_along_axis(s, index, 1).astype(np.float32)

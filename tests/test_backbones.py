@@ -9,7 +9,7 @@ import torch
 
 from helpers import run_script
 from paintsim.backbones import BACKBONES, build_backbone, get_spec, remove_head, torchvision_weights
-from paintsim.cli import UserError
+from paintsim.errors import UserError
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

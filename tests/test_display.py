@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import http.server
-import shutil
 import threading
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 
 from helpers import SAMPLE_DIR, run_script
 from paintsim import figures, query
-from paintsim.cli import UserError
+from paintsim.errors import UserError
 from paintsim.perturb import perturb
 from synthetic_collection import make_collection
 
@@ -115,7 +114,7 @@ def test_outside_image_finds_the_sample_painting_it_was_made_from(sample_data, t
     # as a file outside the collection and read back as the CLI reads it
     with pytest.raises(UserError, match="no such file"):
         query.load_outside_image(str(tmp_path / "missing.jpg"))
-    from paintsim.extract import Embedder
+    from paintsim.embedder import Embedder
 
     coll = query.Collection.open(sample_data)
     embedder = Embedder.from_meta(json.loads((sample_data / "features_meta.json").read_text()), device="cpu")
@@ -148,7 +147,7 @@ def test_outside_image_by_url_is_fetched_bounded_and_found(sample_data, http_dir
                       "--k", "3", "--device", "cpu")
     first = [line for line in proc.stdout.splitlines() if line.strip().startswith("1.")][0]
     assert name in first
-    with pytest.raises(UserError, match="exceeds the limit"):
+    with pytest.raises(UserError, match="exceeds the 1000-byte limit"):
         query.fetch_url(f"{base}/painting.jpg", max_bytes=1000)
     with pytest.raises(UserError, match="HTTP 404"):
         query.fetch_url(f"{base}/missing.jpg")

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import REPO, SAMPLE_DIR, run_script
 from iiif_server import IIIFServer, Misbehave, sample_images, sample_rows, write_tables
-from paintsim.artifacts import MANIFEST_COLUMNS, read_manifest
+from paintsim.manifest import MANIFEST_COLUMNS, read_manifest
 from paintsim.download import DownloadOptions, check_image_file, run_download
 from paintsim.fetch import FetchConfig, parse_retry_after
 from paintsim.images import ImageDecodeError
@@ -104,9 +104,13 @@ def test_429_is_retried_after_the_servers_retry_after(tmp_path, server):
 
 
 def test_retry_after_accepts_seconds_and_http_dates():
+    import email.utils
+
     assert parse_retry_after("7") == 7.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+    in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
+    assert parse_retry_after(in_ten) == pytest.approx(10.0, abs=1.5)
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert parse_retry_after("900", max_seconds=300) == 300.0          # capped
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
 
 
@@ -287,5 +291,5 @@ def test_robots_txt_is_obeyed_unless_told_otherwise(tmp_path, server):
     row = _manifest(tmp_path).loc[UUIDS[1]]
     assert row["status"] == "failed" and row["error"] == f"disallowed by {server.base_url}/robots.txt"
     assert server.requests[UUIDS[1]] == 0 and server.requests[UUIDS[2]] == 1
-    run_download(_opts(tmp_path, server, limit=4, respect_robots_txt=False))
+    run_download(_opts(tmp_path, server, limit=4, ignore_robots_txt=True))
     assert _manifest(tmp_path).loc[UUIDS[1], "status"] == "ok" and server.requests[UUIDS[1]] == 1

@@ -1,4 +1,4 @@
-"""evaluate_unsupervised.py / paintsim.evaluate on a collection with planted structure."""
+"""evaluate_unsupervised.py / paintsim.evaluation on a collection with planted structure."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from helpers import run_script
-from paintsim import evaluate
-from paintsim.cli import UserError
+from paintsim import evaluation as evaluate
+from paintsim.errors import UserError
 from synthetic_collection import make_collection
 
 
@@ -21,13 +21,14 @@ def planted(tmp_path):
 
 
 def _cfg(**kw):
-    base = dict(skip_copies=True, pixel_sample=30, progress=False, n_pairs=2000)
+    base = dict(skip_copies=True, pixel_sample=30, progress=False, pairs=2000)
     base.update(kw)
     return evaluate.EvalConfig(**base)
 
 
 def test_planted_copies_are_found_by_every_metric(planted):
     rep = evaluate.evaluate(str(planted["root"]), _cfg()).report
+    assert rep["neighbours_from"] == "top_10_similar.npy (streamed route)"
     ret = rep["retrieval"]
     # 5 groups of 4 share an artist; the 60 random paintings have artists of their own
     assert ret["n_queries"] == 20
@@ -60,10 +61,10 @@ def test_inter_is_not_the_mean_of_the_neighbour_table(planted):
 
 def _write_matrix(root, feats, names, chunk_rows=16, scale=1.0, complete=True):
     with h5py.File(root / "similarity_scores.h5", "w") as f:
-        ds = f.create_dataset("similarity", data=(scale * (feats @ feats.T)).astype(np.float16),
+        f.create_dataset("similarity", data=(scale * (feats @ feats.T)).astype(np.float16),
                               chunks=(chunk_rows, len(feats)))
         f.create_dataset("image_names", data=names.astype("S"))
-        ds.attrs["complete"] = complete
+        f.attrs["complete"] = complete
 
 
 def test_inter_from_the_full_matrix_agrees_with_the_features(planted):
@@ -121,9 +122,9 @@ def test_evaluate_script_writes_report_table_and_plots(planted):
 
 def test_bad_flags_and_missing_inputs_fail_clearly(tmp_path, planted):
     proc = run_script("evaluate_unsupervised.py", "--data-dir", planted["root"], "--k", "0", check=False)
-    assert proc.returncode == 2 and "--k 0" in proc.stderr
+    assert proc.returncode == 2 and "argument --k: must be at least 1, got 0" in proc.stderr
     proc = run_script("evaluate_unsupervised.py", "--data-dir", planted["root"], "--k", "80",
                       "--skip-copies", check=False)
-    assert proc.returncode == 2 and "--k 80" in proc.stderr
+    assert proc.returncode == 2 and "--k 80: must be between 1 and 79" in proc.stderr
     proc = run_script("evaluate_unsupervised.py", "--data-dir", tmp_path / "empty", check=False)
     assert proc.returncode == 2 and "features.npy does not exist" in proc.stderr

@@ -17,8 +17,10 @@ from PIL import Image
 
 from helpers import REPO, SAMPLE_DIR, run_script
 from paintsim import artifacts
-from paintsim.cli import UserError
-from paintsim.extract import Embedder, ExtractConfig, Preprocessing, extract_features
+from paintsim.embedder import Embedder, Preprocessing
+from paintsim.errors import BadValue, UserError
+from paintsim.extract import ExtractConfig, extract_features
+from paintsim.manifest import write_manifest
 from paintsim.images import load_rgb
 from paintsim.perturb import PERTURBATIONS, perturb
 
@@ -92,7 +94,7 @@ def test_manifest_rows_with_status_ok_are_embedded_by_file_name(tmp_path):
     rows = [{"uuid": n[:-4], "file": f"images/{n}", "status": "ok"} for n in names]
     rows[1]["status"] = "failed"
     rows.append({"uuid": "gone", "file": "images/gone.jpg", "status": "ok"})
-    artifacts.write_manifest(data / "manifest.csv", pd.DataFrame(rows))
+    write_manifest(data / "manifest.csv", pd.DataFrame(rows))
     s = extract_features(ExtractConfig(data_dir=str(data), backbone="mobilenet_v2", weights="none",
                                        workers=0, batch_size=8, progress=False))
     got = artifacts.load_npy(data / "image_names.npy").tolist()
@@ -100,7 +102,7 @@ def test_manifest_rows_with_status_ok_are_embedded_by_file_name(tmp_path):
     assert s["errors"] == 1 and "file not found" in read_errors(data)["images/gone.jpg"]
 
     rows.append({"uuid": "evil", "file": "../../etc/passwd", "status": "ok"})
-    artifacts.write_manifest(data / "manifest.csv", pd.DataFrame(rows))
+    write_manifest(data / "manifest.csv", pd.DataFrame(rows))
     with pytest.raises(UserError, match="not a path inside"):
         extract_features(ExtractConfig(data_dir=str(data), backbone="mobilenet_v2", weights="none",
                                        progress=False))
@@ -176,13 +178,16 @@ def test_letterbox_keeps_the_whole_painting():
 
 
 def test_cpu_fp16_and_bad_sizes_are_clear_errors(tmp_path):
-    for kwargs, words in [({"precision": "fp16", "device": "cpu"}, "fp16 is for GPUs"),
-                          ({"batch_size": -1}, "--batch-size"),
-                          ({"images_dir": str(tmp_path / "nope")}, "not a directory")]:
+    for kwargs, error, words in [({"precision": "fp16", "device": "cpu"}, BadValue, "fp16 is for GPUs"),
+                                 ({"batch_size": -1}, BadValue, "batch_size = -1"),
+                                 ({"images_dir": str(tmp_path / "nope")}, UserError, "not a directory")]:
         cfg = ExtractConfig(data_dir=str(tmp_path), images_dir=str(SAMPLE_DIR / "images"),
                             backbone="mobilenet_v2", weights="none", progress=False)
-        with pytest.raises(UserError, match=words):
+        with pytest.raises(error, match=words):
             extract_features(ExtractConfig(**{**cfg.__dict__, **kwargs}))
+    proc = run_script("extract_features.py", "--data-dir", tmp_path, "--batch-size", "-1", check=False,
+                      timeout=60)
+    assert proc.returncode == 2 and "argument --batch-size: must be at least 0, got -1" in proc.stderr
 
 
 def test_help_shows_every_flag_with_its_default():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from helpers import SAMPLE_DIR, run_script
-from paintsim.artifacts import read_manifest, write_manifest
+from paintsim.manifest import read_manifest, write_manifest
 from paintsim.download import DownloadOptions, run_download
 
 

@@ -6,7 +6,8 @@ import inspect
 import numpy as np
 import pytest
 
-from paintsim import evaluate, metrics
+from paintsim import metrics
+from paintsim.evaluation import retrieval, similarity
 
 
 def test_precision_recall_ap_match_hand_computed_ranking():
@@ -55,7 +56,7 @@ def test_retrieval_section_counts_only_queries_with_another_member():
     # rows 0,1 artist A; 2,3,4 artist B; 5 alone; 6 unknown
     codes = np.array([0, 0, 1, 1, 1, 2, -1])
     index = np.array([[1, 2], [2, 0], [3, 4], [0, 1], [2, 3], [0, 1], [0, 1]])
-    out = evaluate.retrieval_section(index, codes, ["A", "B", "C"], ks=(1, 2))
+    out = retrieval.retrieval_section(index, codes, ["A", "B", "C"], ks=(1, 2))
     assert out["n_queries"] == 5
     # precision@1: rows 0,1,2,3,4 -> 1,0,1,0,1
     assert out["precision@1"] == pytest.approx(3 / 5)
@@ -71,17 +72,17 @@ def test_intra_and_inter_hand_computed():
     # two tight pairs of paintings on orthogonal axes
     f = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
     index = np.array([[1], [0], [3], [2]])
-    np.testing.assert_allclose(evaluate.neighbor_similarities(f, index), np.ones((4, 1)))
-    sims = evaluate.pair_similarities(f, np.array([0, 0, 2, 1]), np.array([1, 2, 3, 3]))
+    np.testing.assert_allclose(similarity.neighbor_similarities(f, index), np.ones((4, 1)))
+    sims = similarity.pair_similarities(f, np.array([0, 0, 2, 1]), np.array([1, 2, 3, 3]))
     np.testing.assert_allclose(sims, [1, 0, 1, 0])
     # 6 distinct pairs <= 10 asked: every pair once, 2 of them similar -> exactly 1/3
-    i, j, inter = evaluate.inter_similarity(f, 10, seed=1)
+    i, j, inter = similarity.inter_similarity(f, 10, seed=1)
     assert len(inter) == 6 and np.all(i < j)
     assert inter.mean() == pytest.approx(1 / 3, abs=1e-7)
     # sampled: each row has 1 same-axis partner among 3 others -> expected mean 1/3
-    i, j, inter = evaluate.inter_similarity(f, 5, seed=1)
+    i, j, inter = similarity.inter_similarity(f, 5, seed=1)
     assert len(inter) == 5 and np.all(i != j)
-    i, j, inter = evaluate.inter_similarity(np.repeat(f, 50, axis=0), 40_000, seed=1)
+    i, j, inter = similarity.inter_similarity(np.repeat(f, 50, axis=0), 40_000, seed=1)
     assert np.all(i != j)
     # 200 rows, 100 per axis: each row has 99 same-axis partners among 199 others
     assert inter.mean() == pytest.approx(99 / 199, abs=0.01)
@@ -90,19 +91,19 @@ def test_intra_and_inter_hand_computed():
 def test_inter_cannot_be_computed_from_the_neighbour_table():
     # the prior art's mistake: "inter" taken as the mean of the top-k table. The function that
     # computes inter takes the features and a seed, nothing else.
-    params = list(inspect.signature(evaluate.inter_similarity).parameters)
+    params = list(inspect.signature(similarity.inter_similarity).parameters)
     assert params == ["features", "n_pairs", "seed", "progress"]
 
 
 def test_random_pairs_are_uniform_over_ordered_pairs_without_self():
-    i, j = evaluate.random_pairs(3, 60_000, seed=0)
+    i, j = similarity.random_pairs(3, 60_000, seed=0)
     assert np.all(i != j)
     counts = np.bincount(i * 3 + j, minlength=9).reshape(3, 3)
     assert np.all(np.diag(counts) == 0)
     off = counts[~np.eye(3, dtype=bool)]
     assert off.min() > 0.9 * 10_000 and off.max() < 1.1 * 10_000
     # seeded: the same pairs again
-    i2, j2 = evaluate.random_pairs(3, 60_000, seed=0)
+    i2, j2 = similarity.random_pairs(3, 60_000, seed=0)
     assert np.array_equal(i, i2) and np.array_equal(j, j2)
 
 
@@ -136,6 +137,20 @@ def test_ssim_drops_with_noise_and_goes_negative_for_an_inverted_image():
     assert 1 > metrics.ssim(x, slight) > metrics.ssim(x, heavy)
     assert metrics.ssim(x, 1 - x) < 0
     assert metrics.ssim(x, slight) == pytest.approx(metrics.ssim(slight, x))
+
+
+@pytest.mark.parametrize("shape,seed", [((128, 128), 0), ((40, 73), 1), ((11, 11), 2)])
+def test_ssim_equals_scikit_image_reference(shape, seed):
+    # Wang et al.'s settings in scikit-image: Gaussian window (sigma 1.5, 11 x 11 at truncate 3.5),
+    # population covariance, data range 1; its mean over the region cropped by 5 px is our valid region
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(seed)
+    x = rng.random(shape)
+    for y in (np.clip(x + rng.normal(0, 0.1, shape), 0, 1), rng.random(shape), 1 - x):
+        ref = structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+        assert metrics.ssim(x, y) == pytest.approx(ref, abs=1e-6)
 
 
 def test_ssim_rejects_mismatched_or_tiny_images():

@@ -10,8 +10,9 @@ import pytest
 
 from helpers import REAL_NGA_ROWS
 from iiif_server import IIIFServer
-from paintsim.cli import UserError
+from paintsim.errors import UserError
 from paintsim.iiif import BadRowError, check_http_url, check_objectid, check_uuid, image_url
+from paintsim.fetch import FetchConfig
 from paintsim.nga import fetch_tables, load_tables, read_table, select_paintings
 
 PAINTINGS = {"37003": "440fe0d2-b4ca-4afc-a33e-2d4683ece38f",
@@ -164,4 +165,4 @@ def test_missing_tables_are_fetched_atomically_from_the_open_data_repo(tmp_path)
         port = srv.server_address[1]
     with pytest.raises(UserError, match=r"offline.*published_images\.csv"):
         fetch_tables(tmp_path / "offline", f"http://127.0.0.1:{port}/opendata/data", progress=False,
-                     timeout=(1, 1))
+                     config=FetchConfig(connect_timeout=1, read_timeout=1, max_retries=1, backoff=0.01))

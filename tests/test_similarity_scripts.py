@@ -12,11 +12,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from helpers import REPO, run_script
-from paintsim import knn
-from paintsim.artifacts import load_neighbors
+from paintsim.neighbours import load_table
+from reference import brute_force_float64
 
 
 def make_data_dir(path: Path, n: int, d: int, seed: int = 0, meta: dict | None = None,
@@ -46,23 +45,26 @@ def near_tie_only(x: np.ndarray, index: np.ndarray, ref_index: np.ndarray, ref_s
 def test_both_routes_agree_with_brute_force_and_each_other(tmp_path):
     x = make_data_dir(tmp_path, 301, 32, meta={"backbone": "resnet50", "dimension": 32})
     k = 7
-    ref_i, ref_s = knn.brute_force_float64(x, k)
+    ref_i, ref_s = brute_force_float64(x, k)
     run_script("optimized_similarity.py", "--data-dir", tmp_path, "--k", k, "--block-size", 64,
                "--no-progress")
-    streamed = load_neighbors(tmp_path / f"top_{k}_similar.npy")
-    assert streamed.dtype.names == ("index", "score") and streamed.shape == (301,)
-    np.testing.assert_allclose(streamed["score"], ref_s, atol=1e-5)
-    near_tie_only(x, streamed["index"], ref_i, ref_s, 1e-5)
-    assert streamed["index"][1, 0] == 150 and streamed["index"][150, 0] == 1  # the duplicate pair
+    raw = np.load(tmp_path / f"top_{k}_similar.npy", allow_pickle=False)
+    assert raw.dtype.names == ("index", "score") and raw.shape == (301,)
+    streamed = load_table(tmp_path / f"top_{k}_similar.npy", 301)
+    assert streamed.route == "streamed" and streamed.record["k"] == k
+    np.testing.assert_allclose(streamed.score, ref_s, atol=1e-5)
+    near_tie_only(x, streamed.index, ref_i, ref_s, 1e-5)
+    assert streamed.index[1, 0] == 150 and streamed.index[150, 0] == 1  # the duplicate pair
 
     # float32 matrix: the very same table
     run_script("compute_similarity.py", "--data-dir", tmp_path, "--dtype", "float32",
                "--output", tmp_path / "m32.h5", "--block-size", 50, "--no-progress")
     run_script("extract_top_10.py", "--data-dir", tmp_path, "--k", k, "--matrix", tmp_path / "m32.h5",
                "--output", tmp_path / "from32.npy", "--block-size", 33, "--no-progress")
-    from32 = load_neighbors(tmp_path / "from32.npy")
-    near_tie_only(x, from32["index"], ref_i, ref_s, 1e-6)  # float32 rounding may order exact ties
-    np.testing.assert_allclose(from32["score"], streamed["score"], atol=1e-6)
+    from32 = load_table(tmp_path / "from32.npy", 301)
+    assert from32.route == "matrix" and from32.record["matrix_dtype"] == "float32"
+    near_tie_only(x, from32.index, ref_i, ref_s, 1e-6)  # float32 rounding may order exact ties
+    np.testing.assert_allclose(from32.score, streamed.score, atol=1e-6)
 
     # float16 matrix (the default): scores within float16 rounding, neighbours except near-ties
     run_script("compute_similarity.py", "--data-dir", tmp_path, "--block-size", 64, "--no-progress")
@@ -171,7 +173,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path):
     assert proc.returncode == 2 and "29 name(s)" in proc.stderr and "30 feature rows" in proc.stderr
     make_data_dir(tmp_path, 30, 4)
     proc = run_script("optimized_similarity.py", "--data-dir", tmp_path, "--k", "30", check=False)
-    assert proc.returncode == 2 and "--k must be between 1 and 29" in proc.stderr
+    assert proc.returncode == 2 and "--k 30: must be between 1 and 29" in proc.stderr
     proc = run_script("extract_top_10.py", "--data-dir", tmp_path, check=False)
     assert proc.returncode == 2 and "run compute_similarity.py first" in proc.stderr
     proc = run_script("optimized_similarity.py", "--data-dir", tmp_path / "nothing", check=False)

@@ -1,0 +1,49 @@
+"""Where a run computes and with how much memory: ``auto`` becomes CUDA when a GPU is present,
+and blocks of scores are sized to a memory budget capped by what the machine has free."""
+from __future__ import annotations
+
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+#: Memory a kernel may use for its score blocks when no budget is given (capped by what is free).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
+
+def resolve_device(name: str) -> str:
+    """``auto|cpu|cuda[:i]`` -> a torch device string; CUDA asked for but absent is a clear error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available "
+                        "(use --device cpu or --device auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
+    return name
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable``), or 4 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def auto_block_size(n: int, bytes_per_score_row: int | None = None,
+                    memory_budget: int | None = None) -> int:
+    """Rows per block so that the block's working set fits ``memory_budget`` bytes.
+
+    The working set of one block of ``b`` rows is about ``b * n * 12`` bytes (scores, a mask and
+    selection scratch); the default budget is ``DEFAULT_MEMORY_BUDGET`` capped at a quarter of
+    the memory available now.
+    """
+    if memory_budget is None:
+        memory_budget = min(DEFAULT_MEMORY_BUDGET, available_memory() // 4)
+    per_row = bytes_per_score_row or 12 * n
+    return int(max(1, min(n, 4096, memory_budget // max(per_row, 1))))

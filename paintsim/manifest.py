@@ -1,0 +1,51 @@
+"""``manifest.csv``: one row per selected image, its metadata and where its file is. Read and
+written only here, as strings (no NaN or number guessing); the download stage is its one writer.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .artifacts import atomic_path
+from .errors import UserError
+
+MANIFEST_COLUMNS = [
+    "uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification",
+    "url", "file", "status", "error", "width", "height", "bytes",
+]
+
+
+def read_manifest(path: str | os.PathLike[str]):
+    """Read ``manifest.csv`` as strings, checking its columns; a bad file is one clear line."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run download_images.py first")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc}); rerun download_images.py") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path} is not a readable CSV ({str(exc).strip()}); rerun "
+                        "download_images.py") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def manifest_by_name(path: str | os.PathLike[str]):
+    """The manifest indexed by image file name (``<uuid>.jpg``, the basename of ``file``), first
+    row of each name kept: how a row of ``image_names.npy`` finds its metadata."""
+    df = read_manifest(path)
+    df = df.assign(name=df["file"].map(lambda f: Path(f).name))
+    df = df[df["name"] != ""]
+    return df.drop_duplicates("name").set_index("name", drop=False)
+
+
+def write_manifest(path: str | os.PathLike[str], df) -> None:
+    """Write ``manifest.csv`` atomically with the contract's column order first."""
+    cols = MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.reindex(columns=cols).to_csv(tmp, index=False)
