@@ -48,7 +48,7 @@ def test_planted_copies_are_found_by_every_metric(planted):
 
 
 def test_inter_is_not_the_mean_of_the_neighbour_table(planted):
-    # The prior art reported the mean of the top-k table as "inter". Here that number is far above
+    # An earlier project reported the mean of the top-k table as "inter". Here that number is far above
     # the true random-pair mean, and the report's inter is the true one.
     rep = evaluate.evaluate(str(planted["root"]), _cfg(skip_pixels=True)).report
     table_mean = float(planted["score"].mean())

@@ -89,7 +89,7 @@ def test_intra_and_inter_hand_computed():
 
 
 def test_inter_cannot_be_computed_from_the_neighbour_table():
-    # the prior art's mistake: "inter" taken as the mean of the top-k table. The function that
+    # an earlier project's mistake: "inter" taken as the mean of the top-k table. The function that
     # computes inter takes the features and a seed, nothing else.
     params = list(inspect.signature(similarity.inter_similarity).parameters)
     assert params == ["features", "n_pairs", "seed", "progress"]
