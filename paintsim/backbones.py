@@ -9,7 +9,7 @@ Weights are resolved in one place, with three sources:
   downloaded once into torchvision's cache (``torch.hub.get_dir()/checkpoints``, i.e.
   ``$TORCH_HOME/hub/checkpoints``) with torchvision's hash check, then loaded by torchvision's own
   model builder. The cached file's hash prefix is checked again on every load. Offline with nothing
-  cached, a :class:`~paintsim.cli.UserError` names the file, its URL and the directory to put it in.
+  cached, a :class:`~paintsim.errors.UserError` names the file, its URL and the directory to put it in.
 * a local state-dict file (``--weights PATH``): ``torch.load(weights_only=True)``, keys matched
   strictly against the headless model (head entries, of any class count, are dropped first).
 * ``none``: random initialisation (seeded), for tests only; a loud warning, and it is recorded.

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import BadValue, UserError
 
-__all__ = ["UserError", "BadValue", "make_parser", "add_device_arg", "add_k_arg", "int_range",
+__all__ = ["make_parser", "add_device_arg", "add_k_arg", "int_range",
            "float_range", "memory_size", "config_from_args", "run_main", "setup_logging"]
 
 log = logging.getLogger("paintsim")

@@ -282,5 +282,3 @@ class Embedder:
         rows = [self.embed_uint8(torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]))
                 for i in range(0, len(images), self.batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-
-

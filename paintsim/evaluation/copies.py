@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import knn, metrics
 
@@ -20,11 +21,6 @@ COPY_KS = (1, 3, 5)
 #: One copy of each of these is made per sampled painting (strengths: paintsim/perturb.py).
 COPY_KINDS = ("crop", "rotate", "jitter", "blur", "jpeg")
 
-
-def _tqdm(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 def copies_section(emb, cfg) -> dict:
@@ -60,7 +56,7 @@ def copies_section(emb, cfg) -> dict:
         pending.clear()
         pending_tags.clear()
 
-    for row in _tqdm(sample, desc="perturbed copies", unit="painting", disable=not cfg.progress):
+    for row in tqdm(sample, desc="perturbed copies", unit="painting", disable=not cfg.progress):
         try:
             img = load_rgb(emb.image_path(int(row)))
         except ImageDecodeError as exc:

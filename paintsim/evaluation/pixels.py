@@ -8,14 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import metrics
 
-
-def _tqdm(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 def _grey(emb, row: int, size: int, cache: dict) -> np.ndarray | None:
@@ -44,7 +40,7 @@ def pixel_section(emb, index: np.ndarray, nb_sim: np.ndarray, cfg) -> dict:
     cache: dict = {}
     res = {"neighbours": {"ssim": [], "rmse": [], "score": []}, "random": {"ssim": [], "rmse": []}}
     skipped = 0
-    for q in _tqdm(sample, desc="pixel baselines", unit="query", disable=not cfg.progress):
+    for q in tqdm(sample, desc="pixel baselines", unit="query", disable=not cfg.progress):
         a = _grey(emb, int(q), cfg.pixel_size, cache)
         if a is None:
             skipped += 1

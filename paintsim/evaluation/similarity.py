@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import matrix, metrics
 from ..errors import BadValue
@@ -20,11 +21,6 @@ from ..errors import BadValue
 #: Working-set budget of one streamed block, in float32 values (32 Mi values = 128 MiB).
 BLOCK_VALUES = 1 << 25
 
-
-def _tqdm(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 def _block_rows(n_cols: int) -> int:
@@ -37,7 +33,7 @@ def neighbor_similarities(features: np.ndarray, index: np.ndarray, progress: boo
     d = features.shape[1]
     out = np.empty((n, k), dtype=np.float32)
     step = _block_rows(k * d)
-    for s in _tqdm(range(0, n, step), desc="neighbour similarities", unit="block",
+    for s in tqdm(range(0, n, step), desc="neighbour similarities", unit="block",
                    disable=not progress or n <= step):
         e = min(n, s + step)
         q = np.asarray(features[s:e], dtype=np.float32)
@@ -62,7 +58,7 @@ def pair_similarities(features: np.ndarray, i: np.ndarray, j: np.ndarray, progre
     d = features.shape[1]
     out = np.empty(len(i), dtype=np.float32)
     step = _block_rows(2 * d)
-    for s in _tqdm(range(0, len(i), step), desc="random-pair similarities", unit="block",
+    for s in tqdm(range(0, len(i), step), desc="random-pair similarities", unit="block",
                    disable=not progress or len(i) <= step):
         e = min(len(i), s + step)
         a = np.asarray(features[i[s:e]], dtype=np.float32)
