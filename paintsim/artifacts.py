@@ -125,12 +125,42 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         raise
 
 
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several files that belong together: every file is written whole
+    under its temporary name first (a full disk fails there and changes nothing); then they are
+    renamed into place in the order given, so the last one (a meta file) lands last."""
+    with contextlib.ExitStack() as stack:
+        # ExitStack renames in reverse order of entry: enter the last path first
+        tmps = [stack.enter_context(atomic_path(p, suffix=Path(p).suffix)) for p in reversed(paths)]
+        yield tmps[::-1]
+
+
+def _fsynced(path: Path, mode: str, write) -> None:
+    with open(path, mode) as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """``np.save`` to ``path`` (fsynced, no pickle); object arrays are refused. Use it on a
+    temporary path from :func:`atomic_path`, or call :func:`save_npy_atomic`."""
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError(f"refusing to save an object array to {path}: it would need pickle")
+    _fsynced(Path(path), "wb", lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """JSON (indented, sorted keys) to ``path``, fsynced; see :func:`write_json_atomic`."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    _fsynced(Path(path), "wb", lambda fh: fh.write(text.encode("utf-8")))
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _fsynced(tmp, "wb", lambda fh: fh.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -138,28 +168,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    with atomic_path(path) as tmp:
+        write_json(tmp, obj)
 
 
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """``np.save`` through a temp file; object arrays are refused (they would need pickle)."""
-    array = np.asarray(array)
-    if array.dtype.hasobject:
-        raise TypeError(f"refusing to save an object array to {path}: it would need pickle")
+    """:func:`save_npy` through a temp file renamed into place."""
     with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
+        save_npy(tmp, array)
 
 
 def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     """``np.savez`` (uncompressed) through a temp file."""
     with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _fsynced(tmp, "wb", lambda fh: np.savez(fh, **arrays))
 
 
 # ------------------------------------------------------------------------------------- reading

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DataPaths, atomic_path, load_npy, read_json_object
+from .artifacts import DataPaths, atomic_paths, load_npy, read_json_object, save_npy, write_json
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -174,23 +174,12 @@ def write_embeddings(paths: DataPaths, features: np.ndarray, names: list[str] | 
     both arrays' checksums, so a kill between two renames is caught by the next load.
     Returns the meta written.
     """
-    import json
-
     features = np.ascontiguousarray(features, dtype=np.float32)
     names_arr = np.array(list(names), dtype=str)
     meta = dict(meta, count=int(len(names_arr)), dimension=int(features.shape[1]),
                 features_sha256=array_sha256(features), names_sha256=array_sha256(names_arr))
-    # context managers exit (rename) in reverse order: features, then names, then the meta
-    with atomic_path(paths.features_meta, suffix=".json") as m_tmp, \
-            atomic_path(paths.image_names, suffix=".npy") as n_tmp, \
-            atomic_path(paths.features, suffix=".npy") as f_tmp:
-        for tmp, arr in ((f_tmp, features), (n_tmp, names_arr)):
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-        with open(m_tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_paths(paths.features, paths.image_names, paths.features_meta) as (f_tmp, n_tmp, m_tmp):
+        save_npy(f_tmp, features)
+        save_npy(n_tmp, names_arr)
+        write_json(m_tmp, meta)
     return meta
