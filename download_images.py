@@ -45,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int_range(0, 100), default=5,
                    help="retries on HTTP 429/5xx, timeouts, dropped connections and cut bodies")
     p.add_argument("--backoff", type=float_range(0), default=1.0,
-                   help="retry delay in seconds: the n-th retry waits backoff x 2**(n-1), plus up to "
-                        "backoff of jitter")
+                   help="retry delay in seconds: the first retry is immediate, the n-th waits "
+                        "backoff x 2**(n-1) plus up to backoff of jitter")
     p.add_argument("--deadline", type=float_range(0), default=600.0,
                    help="seconds one image may take in all, retries included (0: no limit)")
-    p.add_argument("--max-retry-after", dest="retry_after_max", type=float_range(0), default=300.0,
+    p.add_argument("--max-retry-after", dest="retry_after_max", metavar="SECONDS", type=float_range(0),
+                   default=300.0,
                    help="cap in seconds on a server's Retry-After")
     p.add_argument("--user-agent", default=default_user_agent(), help="User-Agent sent with every request")
     p.add_argument("--ignore-robots-txt", action="store_true",

@@ -46,7 +46,7 @@ class FetchConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_retries: int = 5
-    backoff: float = 1.0            # retries wait backoff x 2**(n-1) seconds, plus up to backoff of jitter
+    backoff: float = 1.0            # retry n >= 2 waits backoff x 2**(n-1) s + up to backoff of jitter
     backoff_max: float = 60.0
     retry_after_max: float = 300.0  # longest Retry-After we obey (longer ones are capped)
     max_bytes: int = 64 * 1024 * 1024
