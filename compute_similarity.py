@@ -18,15 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from paintsim.cli import add_device_arg, int_range, make_parser, memory_size, run_main
+from paintsim.cli import add_device_arg, int_range, make_parser, memory_size, output_file, run_main
 from paintsim.matrix import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="compute_similarity.py")
+    p = make_parser(__doc__, prog="compute_similarity.py", locked=True)
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="stored score type: float16 (N*N*2 bytes) or float32 (N*N*4 bytes)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=output_file, default=None,
                    help="matrix file (default: <data-dir>/similarity_scores.h5)")
     p.add_argument("--block-size", type=int_range(1), default=None,
                    help="rows computed and written per block, the unit of resumption "

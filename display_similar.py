@@ -7,7 +7,8 @@ painting (--random --seed S), or an image from outside the collection (--image P
 is embedded with the backbone, weights and preprocessing recorded in features_meta.json.
 Neighbours come from the neighbour table the one lookup finds (top_<k>_similar.npy first, see
 docs/stages.md), else from an exact search of features.npy; the figure names which. Each
-neighbour is captioned with title, artist, date and score.
+neighbour is captioned with title, artist, date and score, and listed in a CSV beside the PNG
+(cells a spreadsheet would run as formulas are prefixed with ').
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, run_main
+from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, output_file, run_main
 
 log = logging.getLogger("paintsim.display")
 
@@ -37,8 +38,9 @@ def build_parser():
                         "features_meta.json (for machines without the torchvision cache)")
     p.add_argument("--columns", type=int_range(1, 50), default=6, help="paintings per row of the figure")
     p.add_argument("--thumb-size", type=int_range(16, 1024), default=200, help="pixels per painting in the figure")
-    p.add_argument("--output", default=None,
-                   help="PNG to write (default: <data-dir>/figures/similar_<query>.png)")
+    p.add_argument("--output", type=output_file, default=None,
+                   help="PNG to write (default: <data-dir>/figures/similar_<query>.png); the neighbours are "
+                        "also listed in a CSV of the same name")
     p.add_argument("--show", action="store_true", help="also open the figure in a window")
     return p
 
@@ -55,6 +57,7 @@ def caption(info: dict, score: float | None = None, prefix: str = "") -> str:
 
 def main(args) -> int:
     from paintsim import figures, query
+    from paintsim.artifacts import write_csv_for_people
     from paintsim.images import ImageDecodeError, load_rgb
 
     coll = query.Collection.open(args.data_dir)
@@ -91,12 +94,16 @@ def main(args) -> int:
     title = f"{len(rows)} nearest paintings to {source}; neighbours from {where}"
     figures.neighbor_grid(query_img, query_cap, images, caps, out, columns=args.columns,
                           thumb_size=args.thumb_size, title=title, show=args.show)
+    table = out.with_suffix(".csv")
+    columns = ["rank", "score", "row", "name", "title", "attribution", "displaydate", "objectid", "uuid"]
+    listed = [{**coll.info(int(r)), "rank": rank, "score": round(float(s), 4), "row": int(r)}
+              for rank, (r, s) in enumerate(zip(rows, scores), 1)]
+    write_csv_for_people(table, columns, ([i[c] for c in columns] for i in listed))
     print(f"query: {source}")
-    for rank, (r, s) in enumerate(zip(rows, scores), 1):
-        i = coll.info(int(r))
-        print(f"  {rank:2d}. {s:.3f}  {i['title'] or i['name']} - {i['attribution'] or '?'}"
-              f"{' (' + i['displaydate'] + ')' if i['displaydate'] else ''}  [row {int(r)}, {i['name']}]")
-    print(f"neighbours from {where}; figure: {out}")
+    for i in listed:
+        print(f"  {i['rank']:2d}. {i['score']:.3f}  {i['title'] or i['name']} - {i['attribution'] or '?'}"
+              f"{' (' + i['displaydate'] + ')' if i['displaydate'] else ''}  [row {i['row']}, {i['name']}]")
+    print(f"neighbours from {where}; figure: {out}; list: {table}")
     return 0
 
 

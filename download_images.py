@@ -21,7 +21,7 @@ MAX_SIZE = 8192
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="download_images.py")
+    p = make_parser(__doc__, prog="download_images.py", locked=True)
     p.add_argument("--csv-dir", type=Path, default=None,
                    help="directory with published_images.csv and objects.csv (default: <data-dir>/nga, "
                         "fetched from NGA's open-data repository when missing)")

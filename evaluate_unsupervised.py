@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import sys
 
-from paintsim.cli import add_device_arg, add_k_arg, config_from_args, int_range, make_parser, run_main
+from paintsim.cli import (add_device_arg, add_k_arg, config_from_args, int_range, make_parser, output_file,
+                          run_main)
 
 
 def build_parser():
-    p = make_parser(__doc__.split("\n\n")[0], prog="evaluate_unsupervised.py")
+    p = make_parser(__doc__.split("\n\n")[0], prog="evaluate_unsupervised.py", locked=True)
     p.description = __doc__
     add_k_arg(p, default=10)
     p.add_argument("--pairs", type=int_range(1, 100_000_000), default=100_000, help="random pairs for the inter-class similarity")
@@ -45,7 +46,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int_range(1, 1024), default=32, help="images per forward pass when embedding copies")
     p.add_argument("--weights", default=None,
                    help="local state dict for embedding copies instead of the weights in features_meta.json")
-    p.add_argument("--output", default=None, help="report path (default: <data-dir>/evaluation.json)")
+    p.add_argument("--output", type=output_file, default=None, help="report path (default: <data-dir>/evaluation.json)")
     p.add_argument("--show", action="store_true", help="also open the plots in windows")
     p.add_argument("--print-report", action="store_true",
                    help="only print the summary table of the existing report (--output); compute nothing")

@@ -23,7 +23,7 @@ from paintsim.extract import DEFAULT_CHUNK_SIZE, ExtractConfig, extract_features
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="extract_features.py")
+    p = make_parser(__doc__, prog="extract_features.py", locked=True)
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(BACKBONES),
                    help="torchvision model whose pooled penultimate feature is the embedding")
     p.add_argument("--weights", default="default",

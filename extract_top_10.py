@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from paintsim.cli import add_k_arg, int_range, make_parser, memory_size, run_main
+from paintsim.cli import add_k_arg, int_range, make_parser, memory_size, output_file, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="extract_top_10.py")
+    p = make_parser(__doc__, prog="extract_top_10.py", locked=True)
     add_k_arg(p)
     p.add_argument("--matrix", default=None,
                    help="similarity matrix to read (default: <data-dir>/similarity_scores.h5)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=output_file, default=None,
                    help="neighbour table to write (default: <data-dir>/top_{k}_from_matrix.npy)")
     p.add_argument("--block-size", type=int_range(1), default=None,
                    help="matrix rows read per block (default: from --memory-budget)")

@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paintsim.cli import int_range, make_parser, run_main
+from paintsim.cli import int_range, make_parser, output_file, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="inspect_images.py")
+    p = make_parser(__doc__, prog="inspect_images.py", locked=True)
     p.add_argument("--n", type=int_range(0, 1000), default=24, help="images on the contact sheet (0: no sheet)")
     p.add_argument("--seed", type=int_range(0), default=0, help="random seed choosing the contact sheet's images")
     p.add_argument("--workers", type=int_range(1, 64), default=4, help="threads decoding and hashing images")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=output_file, default=None,
                    help="contact sheet PNG path (default: <data-dir>/figures/contact_sheet.png)")
     p.add_argument("--show", action="store_true", help="open the contact sheet in a window")
     return p

@@ -20,15 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, memory_size, run_main
+from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, memory_size, output_file, run_main
 from paintsim.knn import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__, prog="optimized_similarity.py")
+    p = make_parser(__doc__, prog="optimized_similarity.py", locked=True)
     add_k_arg(p)
     add_device_arg(p)
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=output_file, default=None,
                    help="neighbour table to write (default: <data-dir>/top_{k}_similar.npy)")
     p.add_argument("--block-size", type=int_range(1), default=None,
                    help="rows per tile (a tile is block x 2*block scores); default: from "

@@ -9,6 +9,8 @@ under its final name) and every read of an array refuses pickle and names the fi
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
@@ -165,6 +167,30 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+#: What a spreadsheet takes for the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> str:
+    """A cell that a spreadsheet shows as text: a leading ``'`` before ``=``, ``+``, ``-``, ``@``,
+    tab or carriage return. Numbers are left as they are (``-0.5`` stays a number)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return str(value)
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def write_csv_for_people(path: str | os.PathLike[str], header: list[str], rows) -> None:
+    """A CSV meant to be opened in a spreadsheet (error lists, neighbour lists), atomically,
+    every cell quoted and made :func:`spreadsheet_safe`. Data files read back by the pipeline
+    (``manifest.csv``) are written exactly instead."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    writer.writerow([spreadsheet_safe(h) for h in header])
+    writer.writerows([spreadsheet_safe(v) for v in row] for row in rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

@@ -11,29 +11,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import BadValue, UserError
 
 __all__ = ["make_parser", "add_device_arg", "add_k_arg", "int_range",
-           "float_range", "memory_size", "config_from_args", "run_main", "setup_logging"]
+           "float_range", "memory_size", "output_file", "config_from_args", "run_main", "setup_logging"]
 
 log = logging.getLogger("paintsim")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def make_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+def make_parser(description: str, prog: str | None = None, *, locked: bool = False) -> argparse.ArgumentParser:
+    """The parser with the common flags. ``locked``: the stage holds its lock on the data dir
+    while it runs (see :mod:`paintsim.locks`), and gets ``--wait-for-lock``."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     parser.add_argument("--data-dir", default="data",
                         help="directory holding every artifact of the pipeline (see docs/artifacts.md)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if locked:
+        parser.add_argument("--wait-for-lock", action="store_true",
+                            help="when another run of this stage works on the same --data-dir, wait for "
+                                 "it to finish (by default this run stops at once, naming it)")
     return parser
 
 
@@ -102,6 +111,18 @@ def memory_size(text: str) -> int:
 memory_size.__name__ = "memory size"
 
 
+def output_file(text: str) -> str:
+    """An argparse type for ``--output``: a file path, never an existing folder."""
+    from pathlib import Path
+
+    if not text or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the path of a file to write")
+    return text
+
+
+output_file.__name__ = "file path"
+
+
 def config_from_args(cls, args: argparse.Namespace, **overrides: Any):
     """Build the dataclass ``cls`` from the parsed flags whose dest is one of its field names.
 
@@ -126,11 +147,18 @@ def setup_logging(level: str = "INFO") -> None:
 
 def run_main(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> int:
-    """Parse, set up logging, run. A user error, a bad value or a missing file exits 2 with one line."""
+    """Parse, set up logging, (take the stage's lock,) run. A user error, a bad value or a missing
+    file exits 2 with one line."""
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return int(main(args) or 0)
+        if not hasattr(args, "wait_for_lock"):
+            return int(main(args) or 0)
+        from .locks import stage_lock
+
+        stage = Path(parser.prog).stem
+        with stage_lock(args.data_dir, stage, wait=args.wait_for_lock):
+            return int(main(args) or 0)
     except BadValue as exc:
         log.debug("bad value", exc_info=True)
         log.error("%s", exc.as_flag())
@@ -138,6 +166,13 @@ def run_main(main: Callable[[argparse.Namespace], int | None], parser: argparse.
     except (UserError, FileNotFoundError) as exc:
         log.debug("user error", exc_info=True)
         log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        log.debug("disk full", exc_info=True)
+        log.error("could not write %s (%s): the disk is full or a file-size limit was hit; what was "
+                  "finished is kept: free some space and rerun", exc.filename or "a file", exc.strerror)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; finished work is kept and a rerun resumes from it")

@@ -13,6 +13,7 @@ import errno
 import io
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from .artifacts import DataPaths, atomic_path
 from .errors import BadValue, UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
-from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_image, verify_image
+from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb, read_file, verify_image
 from .manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
 
@@ -119,10 +120,7 @@ def _disk_full_message(path: Path, exc: OSError) -> str:
 
 def check_image_file(path: Path) -> tuple[int, int, int]:
     """(width, height, bytes) of a whole, decodable JPEG; :class:`ImageDecodeError` otherwise."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageDecodeError(f"{path}: cannot be read ({exc})") from exc
+    data = read_file(path)
     info = verify_image(data, source=str(path))
     if info.format != "JPEG":
         raise ImageDecodeError(f"{path}: is {info.format}, not a JPEG")
@@ -153,9 +151,11 @@ class Downloader:
         self.local = _index_dir(opts.images_from) if opts.images_from else None
         self.bytes_lock = threading.Lock()
         self.bytes_written = 0
+        self.previous: dict[str, dict] = {}
 
     # -- planning
     def plan(self, selection: pd.DataFrame, previous: dict[str, dict]) -> tuple[list[dict], list[_Item]]:
+        self.previous = previous
         rows: list[dict] = []
         items: list[_Item] = []
         source = "images-from" if self.local is not None else "http"
@@ -195,10 +195,10 @@ class Downloader:
             if src is None:
                 return None, (f"not found in {self.opts.images_from} (looked for {item.uuid}.* and "
                               f"{item.objectid or '?'}.*)")
-            size = src.stat().st_size
-            if size > self.opts.fetch.max_bytes:
-                return None, f"{src}: {size} bytes exceeds the {self.opts.fetch.max_bytes}-byte limit"
-            return src.read_bytes(), ""
+            try:
+                return read_file(src, self.opts.fetch.max_bytes), ""
+            except ImageDecodeError as exc:
+                return None, str(exc)
         if not self.robots.allowed(item.url):
             parts = urlsplit(item.url)
             return None, f"disallowed by {parts.scheme}://{parts.netloc}/robots.txt"
@@ -227,9 +227,8 @@ class Downloader:
                 if info.format != "JPEG":
                     if self.local is None:
                         raise ImageDecodeError(f"expected a JPEG, got {info.format}")
-                    img = decode_image(data, source=item.url)
                     buf = io.BytesIO()
-                    (img if img.mode in ("RGB", "L") else img.convert("RGB")).save(buf, "JPEG", quality=95)
+                    decode_rgb(data, source=item.url).save(buf, "JPEG", quality=95)
                     data = buf.getvalue()
                 _write_image(dest, data)
                 with self.bytes_lock:
@@ -248,8 +247,25 @@ class Downloader:
         return "failed", dict(status="failed", error=error, file="", width="", height="", bytes="")
 
     # -- the run
+    def _kept_from_before(self, row: dict) -> dict | None:
+        """The previous manifest's row for a row this run has not reached, while it still holds:
+        a failure as it was, an ok row only while its file is a regular file of the listed size."""
+        prev = self.previous.get(str(row.get("uuid", "")).lower())
+        if prev is None or prev.get("status") != "ok":
+            return prev
+        rel = Path(str(prev.get("file", "")))
+        if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 2 or rel.parts[0] != "images":
+            return None
+        try:
+            st = os.lstat(self.paths.root / rel)
+        except OSError:
+            return None
+        return prev if stat.S_ISREG(st.st_mode) and str(st.st_size) == str(prev.get("bytes", "")) else None
+
     def _write_manifest(self, rows: list[dict], done: list[bool]) -> None:
-        keep = [r for r, d in zip(rows, done) if d]
+        # a checkpoint (or a stopped run) never drops what an earlier run finished and is still on disk
+        keep = [r if d else self._kept_from_before(r) for r, d in zip(rows, done)]
+        keep = [r for r in keep if r is not None]
         df = pd.DataFrame(keep, columns=MANIFEST_COLUMNS + [SOURCE_COLUMN])
         try:
             write_manifest(self.paths.manifest, df)

@@ -8,8 +8,6 @@ embeds the new images. The outputs are written by :func:`paintsim.embeddings.wri
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import time
@@ -26,7 +24,7 @@ from .devices import resolve_device
 from .embedder import META_VERSION, Embedder, Preprocessing
 from .embeddings import Embeddings, write_embeddings
 from .errors import BadValue, UserError
-from .images import ImageDecodeError, is_image_file, load_rgb
+from .images import ImageDecodeError, decode_rgb, is_image_file, read_file
 from .manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -63,15 +61,14 @@ def _stat_item(name: str, file: str, path: Path) -> Item:
 def items_from_manifest(paths: DataPaths) -> list[Item]:
     """The manifest's rows with status ok, in manifest order; paths confined to the data dir."""
     df = read_manifest(paths.manifest)
-    root = paths.root.resolve()
     items: list[Item] = []
     seen: set[str] = set()
     for row_no, (file, status) in enumerate(zip(df["file"], df["status"]), start=2):
         if status != "ok":
             continue
         rel = Path(file)
-        full = (paths.root / rel).resolve()
-        if not file or rel.is_absolute() or ".." in rel.parts or root not in full.parents:
+        # a path of the data dir by its words; a symbolic link in it is judged when it is read
+        if not file or rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise UserError(f"{paths.manifest} line {row_no}: file {file!r} is not a path inside {paths.root}")
         name = rel.name
         if name in seen:
@@ -88,7 +85,7 @@ def items_from_dir(images_dir: str | os.PathLike[str]) -> list[Item]:
     if not d.is_dir():
         raise UserError(f"--images-dir {d}: not a directory")
     return [_stat_item(p.name, p.name, p) for p in sorted(d.iterdir(), key=lambda p: p.name)
-            if not p.name.startswith(".") and p.is_file()]
+            if not p.name.startswith(".") and (p.is_file() or p.is_symlink())]
 
 
 class ImageDataset:
@@ -108,13 +105,10 @@ class ImageDataset:
                 raise ImageDecodeError(f"{item.file}: file not found")
             if not is_image_file(item.path):
                 raise ImageDecodeError(f"{item.file}: not an image file name (suffix {item.path.suffix!r})")
-            if item.size == 0:
+            data = read_file(item.path)
+            if not data:
                 raise ImageDecodeError(f"{item.file}: empty file")
-            with item.path.open("rb") as fh:
-                head = fh.read(64).lstrip().lower()
-            if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"{")):
-                raise ImageDecodeError(f"{item.file}: HTML/XML/JSON, not an image")
-            return i, self.preprocessing(load_rgb(item.path)), ""
+            return i, self.preprocessing(decode_rgb(data, str(item.path))), ""
         except ImageDecodeError as exc:
             return i, None, str(exc).replace(str(item.path), item.file)
         except Exception as exc:  # noqa: BLE001 - one bad image never stops a run
@@ -259,11 +253,7 @@ def configure_threads(threads: int, device: str) -> int:
 
 
 def _write_errors_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["file", "error"])
-    writer.writerows(rows)
-    artifacts.write_text_atomic(path, buf.getvalue())
+    artifacts.write_csv_for_people(path, ["file", "error"], rows)
 
 
 def _outputs_current(paths: DataPaths, fingerprint: str, names: list[str]) -> bool:

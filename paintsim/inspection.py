@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifacts import DataPaths, write_json_atomic
 from .manifest import read_manifest
-from .images import ImageDecodeError, open_image
+from .images import ImageDecodeError, read_file, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,15 @@ def _check(root: Path, rel: str) -> _FileCheck:
         return _FileCheck(rel, False, f"file {rel!r} is not of the form images/<name>")
     path = root / rel_path
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return _FileCheck(rel, False, f"missing or unreadable ({exc.strerror})")
+        data = read_file(path)
+    except ImageDecodeError as exc:
+        return _FileCheck(rel, False, str(exc).replace(f"{path}: ", ""))
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = open_image(path)
-        w, h = img.size
-        img.close()
+        info = verify_image(data, str(path))
     except ImageDecodeError as exc:
         return _FileCheck(rel, False, str(exc).replace(f"{path}: ", ""), bytes=len(data), sha256=digest)
-    return _FileCheck(rel, True, width=w, height=h, bytes=len(data), sha256=digest)
+    return _FileCheck(rel, True, width=info.width, height=info.height, bytes=len(data), sha256=digest)
 
 
 def _distribution(values: list[int]) -> dict:

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -76,11 +77,30 @@ def check_free_space(path: Path, needed: int) -> None:
             "the full matrix and run optimized_similarity.py (it needs no matrix)")
 
 
+def _reserve(path: Path, nbytes: int) -> None:
+    """Make the file system hand ``path`` its ``nbytes`` now (``posix_fallocate``), so a full disk
+    (or a file-size limit) is an ``OSError`` here instead of a failed write deep inside HDF5,
+    which h5py cannot recover from cleanly."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(1, nbytes))
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 def _create(partial: Path, n: int, dtype: str, names: np.ndarray, attrs: dict) -> None:
     import h5py
 
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
+    try:  # prove the room is there before HDF5 extends the file to its full size
+        _reserve(partial, matrix_bytes(n, dtype) + n * 256 + 2**16)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
     chunk_rows = rows_per_chunk(n, np.dtype(dtype).itemsize)
     with h5py.File(partial, "w", libver="earliest", track_order=False) as f:
         space = h5py.h5s.create_simple((n, n))
@@ -96,6 +116,7 @@ def _create(partial: Path, n: int, dtype: str, names: np.ndarray, attrs: dict) -
         f.attrs["complete"] = False
         f[DATASET].attrs["description"] = ("cosine similarity of features.npy rows i and j "
                                            "(dot product of L2-normalised float32 embeddings)")
+    _reserve(partial, partial.stat().st_size)  # blocks are only written into space held already
     _fsync(partial)
 
 
@@ -146,15 +167,16 @@ def write_matrix(emb, path: Path, *, dtype: str = "float16", block_size: int | N
         log.info("%s was computed from other features or another dtype; recomputing", path)
 
     partial, state_file = partial_path(path), state_path(path)
-    start_row = _resume_point(partial, state_file, identity)
+    start_row, run_id = _resume_point(partial, state_file, identity)
     if start_row == 0:
         check_free_space(path, matrix_bytes(n, dtype) + n * 256)
+        run_id = uuid.uuid4().hex
         attrs = {**{k: v for k, v in identity.items() if k != "block_rows"},
                  "source": str(emb.paths.features), "computed_with": "paintsim.knn.score_blocks",
                  "features_meta": json.dumps(emb.meta, sort_keys=True, default=str),
-                 "created_by": "compute_similarity.py"}
+                 "created_by": "compute_similarity.py", "run_id": run_id}
         _create(partial, n, dtype, emb.names, attrs)
-        write_json_atomic(state_file, {**identity, "rows_done": 0})
+        write_json_atomic(state_file, {**identity, "run_id": run_id, "rows_done": 0})
         status = "computed"
     else:
         log.info("resuming %s from row %d of %d", partial, start_row, n)
@@ -172,7 +194,7 @@ def write_matrix(emb, path: Path, *, dtype: str = "float16", block_size: int | N
             dset[r0:r1] = scores.astype(dtype, copy=False)
             f.flush()
             _fsync(partial)
-            write_json_atomic(state_file, {**identity, "rows_done": int(r1)})
+            write_json_atomic(state_file, {**identity, "run_id": run_id, "rows_done": int(r1)})
             bar.update((r1 - r0) * n * itemsize)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(rows_per_s=f"{(r1 - start_row) / elapsed:.0f}", refresh=False)
@@ -185,34 +207,45 @@ def write_matrix(emb, path: Path, *, dtype: str = "float16", block_size: int | N
     return {"status": status, "rows": n - start_row, "seconds": seconds, "bytes": path.stat().st_size}
 
 
-def _resume_point(partial: Path, state_file: Path, identity: dict) -> int:
-    """First unfinished row of a matching partial file, or 0 to start afresh."""
+def _resume_point(partial: Path, state_file: Path, identity: dict) -> tuple[int, str | None]:
+    """(first unfinished row, run id) of a partial file that its state describes, or (0, None).
+
+    The state and the partial file must name the same run: a state file written by one run
+    never vouches for rows of a partial file that another run created.
+    """
     import h5py
 
     if not partial.exists() or not state_file.exists():
-        return 0
+        return 0, None
     try:
         state = read_json(state_file)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         log.warning("%s is unreadable; starting the matrix again", state_file)
-        return 0
+        return 0, None
     if not isinstance(state, dict) or any(state.get(k) != v for k, v in identity.items()):
         log.info("%s belongs to other features or settings; starting the matrix again", partial)
-        return 0
+        return 0, None
     try:
         with h5py.File(partial, "r") as f:
-            ok = (f[DATASET].shape == (identity["n"], identity["n"])
+            run_id = f.attrs.get("run_id")
+            run_id = run_id.decode() if isinstance(run_id, bytes) else run_id
+            ok = (isinstance(f[DATASET], h5py.Dataset)
+                  and f[DATASET].shape == (identity["n"], identity["n"])
                   and f.attrs.get("features_sha256") == identity["features_sha256"])
     except (OSError, KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
         log.warning("%s does not open cleanly; starting the matrix again", partial)
-        return 0
+        return 0, None
+    if not run_id or state.get("run_id") != run_id:
+        log.warning("%s was written by run %s but %s records run %s; starting the matrix again",
+                    partial, run_id, state_file, state.get("run_id"))
+        return 0, None
     rows = state.get("rows_done")
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= identity["n"]:
         log.warning("%s records rows_done=%r; starting the matrix again", state_file, rows)
-        return 0
-    return rows
+        return 0, None
+    return rows, run_id
 
 
 class MatrixReader:

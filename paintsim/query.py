@@ -213,17 +213,16 @@ def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "auto") -
 
 def load_outside_image(source: str, max_bytes: int = MAX_URL_BYTES):
     """Open ``--image``: a local file, or an http(s) URL fetched with a size and time limit; RGB."""
-    from .images import ImageDecodeError, decode_image, load_rgb
+    from .images import ImageDecodeError, decode_rgb, load_rgb
 
     try:
         if re.match(r"^https?://", source, flags=re.IGNORECASE):
-            img = decode_image(fetch_url(source, max_bytes), source)
-            return img if img.mode == "RGB" else img.convert("RGB")
+            return decode_rgb(fetch_url(source, max_bytes), source)
         if "://" in source:
             raise UserError(f"--image {source}: only local files and http(s) URLs are supported")
         if not Path(source).is_file():
             raise UserError(f"--image {source}: no such file")
-        return load_rgb(source)
+        return load_rgb(source, within="/")  # the user named this file: a link may lead anywhere
     except ImageDecodeError as exc:
         raise UserError(f"--image: {exc}") from exc
 

@@ -141,8 +141,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_file(tmp_path):
     with h5py.File(matrix, "r") as fa, h5py.File(other, "r") as fb:
         np.testing.assert_array_equal(fa["similarity"][...], fb["similarity"][...])
         np.testing.assert_array_equal(fa["image_names"][...], fb["image_names"][...])
-        attrs_a = {k: v for k, v in fa.attrs.items() if k != "source"}
-        attrs_b = {k: v for k, v in fb.attrs.items() if k != "source"}
+        attrs_a = {k: v for k, v in fa.attrs.items() if k not in ("source", "run_id")}
+        attrs_b = {k: v for k, v in fb.attrs.items() if k not in ("source", "run_id")}
         assert attrs_a.keys() == attrs_b.keys()
         assert all(np.array_equal(attrs_a[k], attrs_b[k]) for k in attrs_a)
 

@@ -19,10 +19,10 @@ def _grey(emb, row: int, size: int, cache: dict) -> np.ndarray | None:
         return cache[row]
     from PIL import Image
 
-    from ..images import ImageDecodeError, open_image
+    from ..images import ImageDecodeError, load_rgb
 
     try:
-        img = open_image(emb.image_path(row))
+        img = load_rgb(emb.image_path(row))
         arr = np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
     except ImageDecodeError:
         arr = None
