@@ -140,9 +140,20 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
 
 def _fsynced(path: Path, mode: str, write) -> None:
     with open(path, mode) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        try:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno is None:  # numpy's tofile reports a short write without its reason
+                try:
+                    fh.flush()
+                    os.write(fh.fileno(), b"\0")  # ask the kernel again, for the errno
+                except OSError as again:
+                    raise OSError(again.errno, again.strerror, str(path)) from exc
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -190,7 +190,9 @@ def _stream(resp: requests.Response, max_bytes: int, deadline: float | None, sin
         raise _Fatal(f"body of {expected} bytes exceeds the {max_bytes}-byte limit")
     got = 0
     try:
-        for chunk in resp.raw.stream(1 << 16, decode_content=True):
+        # read1: whatever one receive brings, so a server dripping bytes meets the deadline too
+        # (read(n) would wait for all n bytes, however long they take)
+        for chunk in iter(lambda: resp.raw.read1(1 << 16, decode_content=True), b""):
             got += len(chunk)
             if got > max_bytes:
                 raise _Fatal(f"body exceeds the {max_bytes}-byte limit")
