@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import BadValue, UserError
+from .errors import DISK_FULL_ERRNOS, BadValue, UserError
 
 __all__ = ["make_parser", "add_device_arg", "add_k_arg", "int_range",
            "float_range", "memory_size", "output_file", "config_from_args", "run_main", "setup_logging"]
 
 log = logging.getLogger("paintsim")
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -113,8 +111,6 @@ memory_size.__name__ = "memory size"
 
 def output_file(text: str) -> str:
     """An argparse type for ``--output``: a file path, never an existing folder."""
-    from pathlib import Path
-
     if not text or Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the path of a file to write")
     return text
@@ -168,7 +164,7 @@ def run_main(main: Callable[[argparse.Namespace], int | None], parser: argparse.
         log.error("%s", exc)
         return 2
     except OSError as exc:
-        if exc.errno not in _DISK_FULL:
+        if exc.errno not in DISK_FULL_ERRNOS:
             raise
         log.debug("disk full", exc_info=True)
         log.error("could not write %s (%s): the disk is full or a file-size limit was hit; what was "

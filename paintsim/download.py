@@ -9,7 +9,6 @@ and at the end, so a killed run loses little; a full disk stops the run cleanly.
 """
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from .artifacts import DataPaths, atomic_path
-from .errors import BadValue, UserError
+from .errors import DISK_FULL_ERRNOS, BadValue, UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
 from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb, read_file, verify_image
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 
 #: Extra manifest column (after the contract's): where the file came from, ``http`` or ``images-from``.
 SOURCE_COLUMN = "source"
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class DiskFullError(UserError):
@@ -108,7 +106,7 @@ def _write_image(dest: Path, data: bytes) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)
     except OSError as exc:
-        if exc.errno in _DISK_FULL_ERRNOS:
+        if exc.errno in DISK_FULL_ERRNOS:
             raise DiskFullError(_disk_full_message(dest, exc)) from exc
         raise
 
@@ -270,7 +268,7 @@ class Downloader:
         try:
             write_manifest(self.paths.manifest, df)
         except OSError as exc:
-            if exc.errno in _DISK_FULL_ERRNOS:
+            if exc.errno in DISK_FULL_ERRNOS:
                 raise DiskFullError(_disk_full_message(self.paths.manifest, exc)) from exc
             raise
 

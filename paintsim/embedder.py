@@ -79,13 +79,10 @@ class Preprocessing:
         import torchvision.transforms.functional as F
         from torchvision.transforms import InterpolationMode
 
-        from .images import MAX_ASPECT_RATIO, ImageDecodeError, to_rgb
+        from .images import check_aspect, to_rgb
 
         interp = InterpolationMode(self.interpolation)
-        w, h = img.size
-        if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-            # resizing the short side to the model's input would ask for gigabytes
-            raise ImageDecodeError(f"{w}x{h} is more elongated than {MAX_ASPECT_RATIO}:1")
+        check_aspect(*img.size, source="image")
         img = to_rgb(img)
         if self.mode == "center-crop":
             img = F.resize(img, [self.resize_size], interpolation=interp, antialias=True)

@@ -8,6 +8,11 @@
 """
 from __future__ import annotations
 
+import errno
+
+#: What a full disk (or a quota, or a file-size limit) makes a write fail with.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one clear line, no traceback."""

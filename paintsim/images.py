@@ -45,6 +45,12 @@ def _check_size(img: Image.Image, source: str, max_pixels: int) -> None:
         raise ImageDecodeError(f"{source}: empty image ({w}x{h})")
     if w * h > max_pixels:
         raise ImageDecodeError(f"{source}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    check_aspect(w, h, source)
+
+
+def check_aspect(w: int, h: int, source: str) -> None:
+    """Refuse a shape more elongated than ``MAX_ASPECT_RATIO``: resizing its short side to a
+    model's input would need far more memory than the file."""
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise ImageDecodeError(f"{source}: {w}x{h} is more elongated than {MAX_ASPECT_RATIO}:1 (resizing "
                                "it for a model would need far more memory than the file)")
@@ -163,7 +169,8 @@ def _to_8bit(arr: np.ndarray, bits: int | None = None) -> np.ndarray:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` upright (EXIF orientation applied) as 8-bit RGB, high-bit-depth samples scaled."""
-    img = ImageOps.exif_transpose(img) or img
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img
     if img.mode == "F" or img.mode.startswith("I"):
