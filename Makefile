@@ -7,7 +7,12 @@ PY := $(VENV)/bin/python
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 DATA_DIR ?= data/demo
 
-.PHONY: setup setup-weights demo test bench clean-demo
+# Your own collection (docs/collections.md):
+#   make collection IMAGES=~/scans METADATA=~/scans/metadata.csv [ID_COLUMN=file] [BACKBONE=resnet50]
+#   make collection URLS=~/museum_urls.csv [URL_COLUMN=image_url]
+COLLECTION_DIR ?= data/collection
+
+.PHONY: setup setup-weights demo collection test bench clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +31,13 @@ setup-weights: $(VENV)/.weights
 
 demo: setup-weights
 	PYTHON=$(PY) DATA_DIR=$(DATA_DIR) bash run_pipeline.sh --sample
+
+collection: setup
+	@test -n "$(IMAGES)$(URLS)" || { echo "make collection: set IMAGES=DIR [METADATA=CSV] or URLS=CSV"; exit 2; }
+	PYTHON=$(PY) DATA_DIR=$(COLLECTION_DIR) bash run_pipeline.sh \
+	  $(if $(IMAGES),--images "$(IMAGES)") $(if $(METADATA),--metadata "$(METADATA)") \
+	  $(if $(URLS),--urls "$(URLS)") $(if $(ID_COLUMN),--id-column "$(ID_COLUMN)") \
+	  $(if $(URL_COLUMN),--url-column "$(URL_COLUMN)")
 
 test: setup-weights
 	$(PY) -m pytest -q tests

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Stage 1: download NGA painting images (IIIF) into <data-dir>/images and write <data-dir>/manifest.csv.
+"""Stage 1: bring a collection's images into <data-dir>/images and write <data-dir>/manifest.csv.
 
-Reads NGA's open-data tables (published_images.csv, objects.csv) from --csv-dir, fetching them from
-github.com/NationalGalleryOfArt/opendata when absent. Reruns skip valid files and retry failures.
-Offline demo: --csv-dir data/sample --images-from data/sample/images.
+NGA (default): reads NGA's open-data tables (published_images.csv, objects.csv) from --csv-dir,
+fetching them from github.com/NationalGalleryOfArt/opendata when absent, and downloads the
+paintings over IIIF (or copies them from --images-from, files named <uuid> or <objectid>).
+Your own collection: --images-from DIR --metadata CSV (the CSV names each image in --id-column),
+or --urls CSV (image URLs or IIIF image-service bases in --url-column). Title, artist, date and
+medium columns are found by common names or named by flags; every other column is kept.
+Reruns skip valid files and retry failures. Offline demo: --csv-dir data/sample --images-from
+data/sample/images.
 """
 from __future__ import annotations
 
@@ -38,8 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-views", action="store_true",
                    help="keep alternate views too (default: the primary view of each painting)")
     p.add_argument("--images-from", type=Path, default=None,
-                   help="take images from this directory (files named <uuid>.jpg or <objectid>.jpg) "
-                        "instead of HTTP")
+                   help="take images from this directory instead of HTTP: with --metadata, the images "
+                        "of your own collection (any format; subfolders too); without, NGA images named "
+                        "<uuid>.jpg or <objectid>.jpg")
+    own = p.add_argument_group("your own collection (docs/collections.md)")
+    own.add_argument("--metadata", type=Path, default=None,
+                     help="CSV (or .tsv) describing the images of --images-from, one row per image")
+    own.add_argument("--urls", type=Path, default=None,
+                     help="CSV of image URLs or IIIF image-service bases (one row per image), fetched "
+                          "like NGA's images")
+    own.add_argument("--id-column", default=None,
+                     help="column naming each row's image: with --metadata its file name, stem or path in "
+                          "the folder (default: file, filename, image, path...); with --urls an id used for "
+                          "the file name (default: id, identifier, objectid... when unique, else a hash of the URL)")
+    own.add_argument("--url-column", default=None,
+                     help="--urls: the column holding the URL (default: url, image_url, iiif...)")
+    own.add_argument("--url-kind", choices=("auto", "image", "iiif"), default="auto",
+                     help="--urls: image links, IIIF image-service bases (asked for --size), or auto "
+                          "(a URL ending in /info.json is a IIIF base)")
+    own.add_argument("--title-column", default=None, help="column of titles (default: title)")
+    own.add_argument("--artist-column", default=None,
+                     help="column of artists (default: attribution, artist, creator, author, maker...)")
+    own.add_argument("--date-column", default=None, help="column of dates (default: displaydate, date, year...)")
+    own.add_argument("--medium-column", default=None, help="column of media (default: medium, technique...)")
     p.add_argument("--connect-timeout", type=float_range(0, lo_open=True), default=10.0, help="seconds to wait for a connection")
     p.add_argument("--read-timeout", type=float_range(0, lo_open=True), default=60.0, help="seconds to wait for data")
     p.add_argument("--max-retries", type=int_range(0, 100), default=5,

@@ -3,9 +3,15 @@
 #
 #   bash run_pipeline.sh --sample       # offline, on the embedded sample (data/sample), MobileNetV2
 #   bash run_pipeline.sh                # the real NGA collection over HTTP, ResNet50
+#   bash run_pipeline.sh --images DIR --metadata CSV   # your own collection (docs/collections.md)
+#   bash run_pipeline.sh --urls CSV                    # your own collection, images over HTTP
 #
 # Options:
 #   --sample      use the 79 embedded NGA thumbnails (no network) and mobilenet_v2
+#   --images DIR  your own images; with --metadata CSV (titles, artists, ...; --id-column COL names
+#                 the column holding each file's name) they are copied into DATA_DIR/images with a
+#                 manifest; without, they are embedded where they are (file names as captions)
+#   --urls CSV    your own images as URLs or IIIF bases (--url-column COL, --id-column COL)
 #   --no-matrix   skip stages 4-5 (the full N x N matrix: ~30 GB in float16 for all of NGA);
 #                 the neighbour table then comes from the streaming stage 6 alone
 #   --force       rerun stages 4-8 even when their outputs are newer than their inputs
@@ -17,9 +23,11 @@
 # Stages 1-3 resume and skip by themselves (valid images are not fetched again, embedded images are
 # not embedded again). Stages 4-6 and 8 are skipped when their output is newer than their inputs.
 set -euo pipefail
+HERE=$PWD
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$HERE/$1"; fi; }  # paths as the user typed them
 
 PY=${PYTHON:-python3}
 DATA_DIR=${DATA_DIR:-data}
@@ -27,15 +35,32 @@ DEVICE=${DEVICE:-auto}
 MODE=full
 MATRIX=1
 FORCE=0
-for arg in "$@"; do
-  case "$arg" in
+IMAGES=""
+METADATA=""
+URLS=""
+OWN_ARGS=()
+need() { [[ -n "${2:-}" && "${2:0:2}" != "--" ]] || { echo "run_pipeline.sh: $1 needs a value" >&2; exit 2; }; }
+while (( $# )); do
+  case "$1" in
     --sample) MODE=sample ;;
     --no-matrix) MATRIX=0 ;;
     --force) FORCE=1 ;;
+    --images) need "$1" "${2:-}"; IMAGES=$(abspath "$2"); MODE=own; shift ;;
+    --metadata) need "$1" "${2:-}"; METADATA=$(abspath "$2"); shift ;;
+    --urls) need "$1" "${2:-}"; URLS=$(abspath "$2"); MODE=own; shift ;;
+    --id-column|--url-column|--title-column|--artist-column|--date-column|--medium-column)
+      need "$1" "${2:-}"; OWN_ARGS+=("$1" "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "run_pipeline.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) echo "run_pipeline.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+if [[ -n "$METADATA" && -z "$IMAGES" ]]; then
+  echo "run_pipeline.sh: --metadata describes the images of --images DIR" >&2; exit 2
+fi
+if [[ -n "$URLS" && -n "$IMAGES" ]]; then
+  echo "run_pipeline.sh: --urls and --images are two different collections: pick one" >&2; exit 2
+fi
 
 COMMON=(--data-dir "$DATA_DIR")
 [[ -n "${NO_PROGRESS:-}" ]] && COMMON+=(--no-progress)
@@ -60,16 +85,30 @@ up_to_date() {
   return 0
 }
 
+SOURCE_ARGS=()   # where stages 2-3 find the images: the manifest, or a folder without one
 if [[ $MODE == sample ]]; then
   stage "1/8 download (from data/sample, offline)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
       --csv-dir data/sample --images-from data/sample/images
   BACKBONE=${BACKBONE:-mobilenet_v2}
+elif [[ -n "$URLS" ]]; then
+  stage "1/8 download (your URLs)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" --urls "$URLS" \
+      "${OWN_ARGS[@]}"
+  BACKBONE=${BACKBONE:-resnet50}
+elif [[ -n "$METADATA" ]]; then
+  stage "1/8 collect (your images and metadata)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
+      --images-from "$IMAGES" --metadata "$METADATA" "${OWN_ARGS[@]}"
+  BACKBONE=${BACKBONE:-resnet50}
+elif [[ -n "$IMAGES" ]]; then
+  echo; echo "=== 1/8 download === skipped: the images of $IMAGES are embedded where they are (no --metadata)"
+  SOURCE_ARGS=(--images-dir "$IMAGES")
+  BACKBONE=${BACKBONE:-resnet50}
 else
   stage "1/8 download (NGA IIIF)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}"
   BACKBONE=${BACKBONE:-resnet50}
 fi
-stage "2/8 inspect" inspect_images.py "${COMMON[@]}"
-stage "3/8 features ($BACKBONE)" extract_features.py "${COMMON[@]}" --backbone "$BACKBONE" --device "$DEVICE"
+stage "2/8 inspect" inspect_images.py "${COMMON[@]}" "${SOURCE_ARGS[@]}"
+stage "3/8 features ($BACKBONE)" extract_features.py "${COMMON[@]}" "${SOURCE_ARGS[@]}" --backbone "$BACKBONE" \
+    --device "$DEVICE"
 
 F="$DATA_DIR/features.npy"
 H5="$DATA_DIR/similarity_scores.h5"

@@ -195,13 +195,20 @@ def spreadsheet_safe(value: Any) -> str:
 
 def write_csv_for_people(path: str | os.PathLike[str], header: list[str], rows) -> None:
     """A CSV meant to be opened in a spreadsheet (error lists, neighbour lists), atomically,
-    every cell quoted and made :func:`spreadsheet_safe`. Data files read back by the pipeline
+    every cell quoted and made :func:`spreadsheet_safe`; ``rows`` may be a generator (streamed, so
+    a million-row neighbour list never sits in memory). Data files read back by the pipeline
     (``manifest.csv``) are written exactly instead."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    writer.writerow([spreadsheet_safe(h) for h in header])
-    writer.writerows([spreadsheet_safe(v) for v in row] for row in rows)
-    write_text_atomic(path, buf.getvalue())
+    def write(fh) -> None:
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerow([spreadsheet_safe(h) for h in header])
+        for row in rows:
+            writer.writerow([spreadsheet_safe(v) for v in row])
+        text.flush()
+        text.detach()
+
+    with atomic_path(path, suffix=".csv") as tmp:
+        _fsynced(tmp, "wb", write)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

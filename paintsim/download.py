@@ -1,7 +1,9 @@
-"""Stage 1: download the selected NGA painting images and write ``manifest.csv``.
+"""Stage 1: bring a collection's images into ``images/`` and write ``manifest.csv``.
 
-One row of the manifest per selected image, each with a ``status`` (ok / failed) and an ``error``.
-An image lands in ``images/<uuid>.jpg`` only after its bytes decode (bounded) as a JPEG, through a
+The collection is NGA's (its open-data tables, images over IIIF or from a folder) or one's own
+(a folder plus a metadata CSV, or a CSV of image URLs: ``paintsim.collection``); all routes share
+the fetcher, the checks and the manifest. One row of the manifest per selected image, each with a
+``status`` (ok / failed) and an ``error``. An image lands in ``images/<key>.jpg`` only after its bytes decode (bounded) as a JPEG, through a
 temp file + rename, so a file under its final name is always whole. A rerun checks the files that
 are there (whole-file check) and skips the valid ones, fetches partial/corrupt/missing ones again and
 retries earlier failures. The manifest is rewritten atomically every ``checkpoint_every`` seconds
@@ -26,15 +28,14 @@ import pandas as pd
 from .artifacts import DataPaths, atomic_path
 from .errors import DISK_FULL_ERRNOS, BadValue, UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
+from .collection import Entry, FolderIndex, folder_entries, limit_entries, read_metadata, url_entries
 from .iiif import BadRowError, check_objectid, check_uuid, image_url
-from .images import IMAGE_SUFFIXES, ImageDecodeError, decode_rgb, read_file, verify_image
-from .manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
+from .images import ImageDecodeError, decode_rgb, read_file, verify_image
+from .manifest import FETCHED_FROM, MANIFEST_COLUMNS, read_manifest, write_manifest
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
 
 log = logging.getLogger(__name__)
 
-#: Extra manifest column (after the contract's): where the file came from, ``http`` or ``images-from``.
-SOURCE_COLUMN = "source"
 
 
 class DiskFullError(UserError):
@@ -53,6 +54,15 @@ class DownloadOptions:
     seed: int = 0
     all_views: bool = False
     images_from: Path | None = None
+    metadata: Path | None = None            # one's own collection: a CSV beside images_from
+    urls: Path | None = None                # one's own collection: a CSV of image URLs / IIIF bases
+    id_column: str | None = None
+    url_column: str | None = None
+    url_kind: str = "auto"
+    title_column: str | None = None
+    artist_column: str | None = None
+    date_column: str | None = None
+    medium_column: str | None = None
     fetch: FetchConfig = field(default_factory=FetchConfig)
     progress: bool = True
     checkpoint_every: float = 30.0          # seconds between manifest checkpoints
@@ -92,10 +102,12 @@ class DownloadSummary:
 class _Item:
     index: int
     row: dict
-    uuid: str
-    objectid: str | None
+    key: str        # the file stem: images/<key>.jpg
     url: str
+    local: Path | None  # the file to copy (own folder); NGA's --images-from looks it up by uuid/objectid
     refresh: bool   # the previous run got this image another way (other size / source): fetch anew
+    convert: bool   # a PNG, TIFF, ... is re-encoded as JPEG (NGA's IIIF server must send JPEG)
+    objectid: str | None = None
 
 
 # ----------------------------------------------------------------------------------- file helpers
@@ -125,76 +137,90 @@ def check_image_file(path: Path) -> tuple[int, int, int]:
     return info.width, info.height, len(data)
 
 
-def _index_dir(directory: Path) -> dict[str, Path]:
-    """Image files of ``directory`` by lower-case stem (CSV fields are looked up, never joined as paths)."""
-    if not directory.is_dir():
-        raise UserError(f"--images-from {directory}: not a directory")
-    found: dict[str, Path] = {}
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        path = Path(entry.path)
-        if entry.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            found.setdefault(path.stem.lower(), path)
-    return found
+def nga_entries(selection: pd.DataFrame, size: int) -> list[Entry]:
+    """Rows of NGA's selection: the uuid is the key, the image URL is built from the IIIF base."""
+    out: list[Entry] = []
+    for sel in selection.to_dict("records"):
+        row = {c: "" for c in MANIFEST_COLUMNS}
+        for c in ("uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification"):
+            row[c] = str(sel.get(c, "") or "")
+        entry = Entry(row)
+        out.append(entry)
+        try:
+            entry.key = check_uuid(sel["uuid"])
+            entry.url = image_url(sel["iiifurl"], size, sel.get("maxpixels"), sel.get("width"), sel.get("height"))
+        except (BadRowError, ValueError) as exc:
+            entry.key, entry.error = None, str(exc)
+            continue
+        row["uuid"], row["url"] = entry.key, entry.url
+    return out
 
 
 # ------------------------------------------------------------------------------------ the stage
 class Downloader:
-    def __init__(self, opts: DownloadOptions):
+    def __init__(self, opts: DownloadOptions, index: FolderIndex | None = None, own: bool = False):
         self.opts = opts
         self.paths = DataPaths.of(opts.data_dir)
         self.stop = threading.Event()
         self.politeness = Politeness(opts.fetch.max_rate, self.stop)
-        self.session = None if opts.images_from else make_session(opts.workers, opts.fetch.user_agent)
+        self.index = index          # NGA's --images-from: files named <uuid> or <objectid>
+        self.own = own              # one's own collection: any image format is converted
+        self.session = make_session(opts.workers, opts.fetch.user_agent)
         self.robots = RobotsRules(self.session, opts.fetch, self.politeness, not opts.ignore_robots_txt)
-        self.local = _index_dir(opts.images_from) if opts.images_from else None
         self.bytes_lock = threading.Lock()
         self.bytes_written = 0
         self.previous: dict[str, dict] = {}
 
     # -- planning
-    def plan(self, selection: pd.DataFrame, previous: dict[str, dict]) -> tuple[list[dict], list[_Item]]:
+    def plan(self, entries: list[Entry], previous: dict[str, dict]) -> tuple[list[dict], list[_Item]]:
         self.previous = previous
         rows: list[dict] = []
         items: list[_Item] = []
-        source = "images-from" if self.local is not None else "http"
         seen: set[str] = set()
-        for i, sel in enumerate(selection.to_dict("records")):
-            row = {c: "" for c in MANIFEST_COLUMNS}
-            for c in ("uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification"):
-                row[c] = str(sel.get(c, "") or "")
-            row[SOURCE_COLUMN] = source
+        for i, entry in enumerate(entries):
+            row = entry.row
+            local = entry.local is not None or self.index is not None
+            fetched_from = "images-from" if local else "http"
+            row[FETCHED_FROM] = fetched_from
             rows.append(row)
-            try:
-                uuid = check_uuid(sel["uuid"])
-                url = image_url(sel["iiifurl"], self.opts.size, sel.get("maxpixels"), sel.get("width"),
-                                sel.get("height"))
-            except (BadRowError, ValueError) as exc:
-                row.update(status="failed", error=f"rejected row: {exc}")
+            if entry.error or not entry.key:
+                row.update(status="failed", error=f"rejected row: {entry.error or 'no key'}")
                 continue
-            row["uuid"], row["url"] = uuid, url
-            if uuid in seen:
-                row.update(status="failed", error=f"rejected row: uuid {uuid} repeats an earlier row")
+            key = entry.key
+            row["key"] = key
+            if key.lower() in seen:
+                row.update(status="failed", error=f"rejected row: {key} repeats an earlier row")
                 continue
-            seen.add(uuid)
+            seen.add(key.lower())
             try:
-                objectid = check_objectid(sel["objectid"])
+                objectid = check_objectid(row.get("objectid", ""))
             except BadRowError:
                 objectid = None
-            prev = previous.get(uuid)
+            prev = previous.get(key.lower())
             refresh = bool(prev) and prev.get("status") == "ok" and (
-                prev.get("url") != url or prev.get(SOURCE_COLUMN, source) != source)
-            items.append(_Item(i, row, uuid, objectid, url, refresh))
+                prev.get("url", "") != entry.url or prev.get(FETCHED_FROM, fetched_from) != fetched_from)
+            items.append(_Item(i, row, key, entry.url, entry.local, refresh, convert=self.own or local,
+                               objectid=objectid))
         return rows, items
 
     # -- one image (runs in a worker thread)
     def _obtain(self, item: _Item) -> tuple[bytes | None, str]:
-        if self.local is not None:
-            src = self.local.get(item.uuid) or (self.local.get(item.objectid) if item.objectid else None)
+        src = item.local
+        if src is None and self.index is not None:
+            for name in (item.key, item.objectid):
+                try:
+                    src = self.index.find(name) if name else None
+                except BadRowError:
+                    src = None
+                if src is not None:
+                    break
             if src is None:
-                return None, (f"not found in {self.opts.images_from} (looked for {item.uuid}.* and "
+                return None, (f"not found in {self.index.root} (looked for {item.key}.* and "
                               f"{item.objectid or '?'}.*)")
+        if src is not None:
             try:
-                return read_file(src, self.opts.fetch.max_bytes), ""
+                return read_file(src, self.opts.fetch.max_bytes, within=self.index.root if self.index
+                                 else self.opts.images_from), ""
             except ImageDecodeError as exc:
                 return None, str(exc)
         if not self.robots.allowed(item.url):
@@ -205,8 +231,8 @@ class Downloader:
 
     def process(self, item: _Item) -> tuple[str, dict]:
         """Return (action, manifest updates); raises only :class:`DiskFullError`."""
-        dest = self.paths.images_dir / f"{item.uuid}.jpg"
-        rel = f"images/{item.uuid}.jpg"
+        dest = self.paths.images_dir / f"{item.key}.jpg"
+        rel = f"images/{item.key}.jpg"
         existing = None
         if dest.exists():
             try:
@@ -219,23 +245,26 @@ class Downloader:
         if self.stop.is_set():
             return "stopped", {}
         data, error = self._obtain(item)
+        source = item.url or str(item.local or item.key)
         if data is not None:
             try:
-                info = verify_image(data, source=item.url)
+                info = verify_image(data, source=source)
                 if info.format != "JPEG":
-                    if self.local is None:
+                    if not item.convert:
                         raise ImageDecodeError(f"expected a JPEG, got {info.format}")
                     buf = io.BytesIO()
-                    decode_rgb(data, source=item.url).save(buf, "JPEG", quality=95)
+                    img = decode_rgb(data, source=source)
+                    img.save(buf, "JPEG", quality=95)
                     data = buf.getvalue()
+                    info = verify_image(data, source=source)
                 _write_image(dest, data)
                 with self.bytes_lock:
                     self.bytes_written += len(data)
-                action = "copied" if self.local is not None else "fetched"
+                action = "copied" if (item.local is not None or self.index is not None) else "fetched"
                 return action, dict(status="ok", error="", file=rel, width=info.width, height=info.height,
                                     bytes=len(data))
             except ImageDecodeError as exc:
-                error = str(exc).replace(f"{item.url}: ", "")
+                error = str(exc).replace(f"{source}: ", "")
         if error.startswith("stopped"):
             return "stopped", {}
         if existing:  # a refresh failed, but the file from before is whole: keep it
@@ -248,7 +277,7 @@ class Downloader:
     def _kept_from_before(self, row: dict) -> dict | None:
         """The previous manifest's row for a row this run has not reached, while it still holds:
         a failure as it was, an ok row only while its file is a regular file of the listed size."""
-        prev = self.previous.get(str(row.get("uuid", "")).lower())
+        prev = self.previous.get(str(row.get("key", "")).lower())
         if prev is None or prev.get("status") != "ok":
             return prev
         rel = Path(str(prev.get("file", "")))
@@ -264,7 +293,8 @@ class Downloader:
         # a checkpoint (or a stopped run) never drops what an earlier run finished and is still on disk
         keep = [r if d else self._kept_from_before(r) for r, d in zip(rows, done)]
         keep = [r for r in keep if r is not None]
-        df = pd.DataFrame(keep, columns=MANIFEST_COLUMNS + [SOURCE_COLUMN])
+        columns = list(dict.fromkeys(MANIFEST_COLUMNS + [FETCHED_FROM] + [c for r in rows for c in r]))
+        df = pd.DataFrame(keep, columns=columns)
         try:
             write_manifest(self.paths.manifest, df)
         except OSError as exc:
@@ -381,30 +411,62 @@ def _previous_manifest(path: Path) -> dict[str, dict]:
     except UserError as exc:
         log.warning("ignoring the unreadable previous manifest (%s)", exc)
         return {}
-    return {r["uuid"].lower(): r for r in df.to_dict("records")}
+    return {r["key"].lower(): r for r in df.to_dict("records") if r["key"]}
+
+
+def _own_entries(opts: DownloadOptions) -> tuple[list[Entry], FolderIndex | None, str]:
+    """One's own collection: the metadata CSV's rows (folder route) or the URL CSV's."""
+    chosen = {"title": opts.title_column, "attribution": opts.artist_column,
+              "displaydate": opts.date_column, "medium": opts.medium_column}
+    if opts.urls is not None:
+        df = read_metadata(opts.urls)
+        entries = url_entries(df, opts.url_column, opts.id_column, chosen, opts.size, opts.url_kind,
+                              metadata_name=str(opts.urls))
+        return entries, None, f"{len(entries)} rows of {opts.urls}"
+    if opts.images_from is None:
+        raise BadValue("metadata", str(opts.metadata), "needs the folder of images (--images-from DIR)")
+    df = read_metadata(opts.metadata)
+    index = FolderIndex(opts.images_from)
+    entries = folder_entries(df, index, opts.id_column, chosen, metadata_name=str(opts.metadata))
+    return entries, index, f"{len(entries)} rows of {opts.metadata} for the {len(index)} images of {opts.images_from}"
 
 
 def run_download(opts: DownloadOptions) -> DownloadSummary:
-    """The whole stage: tables -> selection -> images + manifest. Returns the summary."""
+    """The whole stage: a collection's rows -> images + manifest. Returns the summary."""
     paths = DataPaths.of(opts.data_dir)
     if opts.size <= 0:
         raise BadValue("size", opts.size, "must be positive")
     if opts.workers < 1:
         raise BadValue("workers", opts.workers, "must be at least 1")
-    csv_dir = Path(opts.csv_dir) if opts.csv_dir else paths.csv_dir
-    fetch_tables(csv_dir, opts.tables_url, opts.fetch, progress=opts.progress)
-    published, objects = load_tables(csv_dir)
-    sel = select_paintings(published, objects, all_views=opts.all_views, limit=opts.limit,
-                           sample=opts.sample, seed=opts.seed)
-    log.info("%d paintings in %s; %d of their images selected (%s)%s", sel.paintings, csv_dir,
-             len(sel.rows), "all views" if opts.all_views else "primary views",
-             f"; {sel.dropped_not_open_access} dropped as not open access" if sel.dropped_not_open_access else "")
-    downloader = Downloader(opts)
+    if opts.urls is not None and opts.metadata is not None:
+        raise BadValue("urls", str(opts.urls), "a URL CSV is its own metadata: leave out --metadata")
+    own = opts.urls is not None or opts.metadata is not None
+    if own and opts.csv_dir is not None:
+        raise BadValue("csv_dir", str(opts.csv_dir), "NGA's tables do not go with --metadata or --urls")
+    if own and opts.all_views:
+        raise BadValue("all_views", True, "is for NGA's tables, not --metadata or --urls")
+    if own:
+        entries, index, what = _own_entries(opts)
+        entries = limit_entries(entries, opts.limit, opts.sample, opts.seed)
+        log.info("%s; %d selected", what, len(entries))
+        downloader = Downloader(opts, own=True)
+    else:
+        csv_dir = Path(opts.csv_dir) if opts.csv_dir else paths.csv_dir
+        fetch_tables(csv_dir, opts.tables_url, opts.fetch, progress=opts.progress)
+        published, objects = load_tables(csv_dir)
+        sel = select_paintings(published, objects, all_views=opts.all_views, limit=opts.limit,
+                               sample=opts.sample, seed=opts.seed)
+        log.info("%d paintings in %s; %d of their images selected (%s)%s", sel.paintings, csv_dir,
+                 len(sel.rows), "all views" if opts.all_views else "primary views",
+                 f"; {sel.dropped_not_open_access} dropped as not open access" if sel.dropped_not_open_access else "")
+        entries = nga_entries(sel.rows, opts.size)
+        downloader = Downloader(opts, index=FolderIndex(opts.images_from) if opts.images_from else None)
     try:
-        rows, items = downloader.plan(sel.rows, _previous_manifest(paths.manifest))
+        rows, items = downloader.plan(entries, _previous_manifest(paths.manifest))
         for row in rows:
             if row["status"] == "failed":
-                log.warning("row uuid=%r objectid=%r %s", row["uuid"], row["objectid"], row["error"])
+                log.warning("row key=%r title=%r %s", row.get("key") or row.get("uuid"), row["title"][:60],
+                            row["error"])
         summary = downloader.run(rows, items)
     finally:
         downloader.close()

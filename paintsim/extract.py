@@ -24,7 +24,7 @@ from .devices import resolve_device
 from .embedder import META_VERSION, Embedder, Preprocessing
 from .embeddings import Embeddings, write_embeddings
 from .errors import BadValue, UserError
-from .images import ImageDecodeError, decode_rgb, is_image_file, read_file
+from .images import ImageDecodeError, decode_rgb, is_image_file, list_folder, read_file
 from .manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ def items_from_manifest(paths: DataPaths) -> list[Item]:
 
 def items_from_dir(images_dir: str | os.PathLike[str]) -> list[Item]:
     """Every regular, non-hidden file of ``images_dir`` (not recursive), sorted by name."""
-    d = Path(images_dir)
-    if not d.is_dir():
-        raise UserError(f"--images-dir {d}: not a directory")
-    return [_stat_item(p.name, p.name, p) for p in sorted(d.iterdir(), key=lambda p: p.name)
-            if not p.name.startswith(".") and (p.is_file() or p.is_symlink())]
+    try:
+        return [_stat_item(p.name, p.name, p) for p in list_folder(images_dir)]
+    except NotADirectoryError as exc:
+        raise UserError(f"--images-dir {exc}") from None
 
 
 class ImageDataset:

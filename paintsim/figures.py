@@ -106,7 +106,8 @@ def neighbor_grid(query_image, query_caption: str, images: Sequence, captions: S
 
     ``query_image`` and each of ``images`` is a PIL image, a path, or None (drawn as a grey tile
     saying "unreadable"). The PNG is ``columns * thumb_size`` pixels wide and each row of cells
-    ``thumb_size + 75`` pixels high (plus 40 for a title), so its size is predictable.
+    ``thumb_size + 75`` pixels high (plus 40 for a one-line title, 15 more per further line: at most
+    three), so its size is predictable.
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -119,10 +120,12 @@ def neighbor_grid(query_image, query_caption: str, images: Sequence, captions: S
     cells = [(query_image, query_caption)] + list(zip(images, captions))
     columns = max(1, min(columns, len(cells)))
     rows = (len(cells) + columns - 1) // columns
-    cell_w, cell_h, title_h = thumb_size / 100, (thumb_size + 75) / 100, (0.4 if title else 0.0)
+    title_lines = [_short(t, 140) for t in str(title or "").split("\n")[:3] if t.strip()]
+    cell_w, cell_h = thumb_size / 100, (thumb_size + 75) / 100
+    title_h = 0.25 + 0.15 * len(title_lines) if title_lines else 0.0
     fig = Figure(figsize=(columns * cell_w, rows * cell_h + title_h))
-    if title:
-        fig.suptitle(_short(title, 140), fontsize=10)
+    if title_lines:
+        fig.suptitle("\n".join(title_lines), fontsize=10 if len(title_lines) == 1 else 9)
     total_h = rows * cell_h + title_h
     for i, (img, caption) in enumerate(cells):
         r, c = divmod(i, columns)
@@ -155,7 +158,7 @@ def neighbor_grid(query_image, query_caption: str, images: Sequence, captions: S
         ax.text(0.5, -0.03, "\n".join(lines[:5]), transform=ax.transAxes, ha="center", va="top",
                 fontsize=6.5, color="darkred" if i == 0 else "black")
     out = save_figure(fig, output)
-    log.info("wrote a neighbour figure of %d paintings to %s", len(images), out)
+    log.debug("wrote a neighbour figure of %d paintings to %s", len(images), out)
     if show:
         show_png(out)
     return out
@@ -204,11 +207,20 @@ def _finish_chart(fig, ax, title: str | None, output: str | os.PathLike[str], sh
 
 
 def metric_bars(groups: dict[str, dict[str, float]], output: str | os.PathLike[str],
-                title: str | None = None, ylabel: str = "value", show: bool = False) -> Path:
-    """Grouped bar chart: ``groups[group][metric] = value`` (e.g. precision@k per k). 800 x 450 px."""
+                title: str | None = None, ylabel: str = "value", show: bool = False,
+                intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+                chance: dict[str, dict[str, float]] | None = None) -> Path:
+    """Grouped bar chart: ``groups[group][metric] = value`` (e.g. precision@k per k). 800 x 450 px.
+
+    ``intervals[group][metric] = (lo, hi)`` draws error bars (a 95% interval), and
+    ``chance[group][metric]`` a black tick across the bar at what a random ranking scores, so a
+    bar is read against both; a missing entry draws nothing for that bar.
+    """
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
+    intervals, chance = intervals or {}, chance or {}
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     group_names = list(groups)
@@ -216,11 +228,32 @@ def metric_bars(groups: dict[str, dict[str, float]], output: str | os.PathLike[s
     width = 0.8 / max(1, len(metrics))
     x = np.arange(len(group_names))
     for j, metric in enumerate(metrics):
-        vals = [groups[g].get(metric, np.nan) for g in group_names]
-        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=metric)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        vals = np.array([groups[g].get(metric, np.nan) for g in group_names], dtype=np.float64)
+        pos = x + (j - (len(metrics) - 1) / 2) * width
+        ax.bar(pos, vals, width, label=metric)
+        ci = np.array([intervals.get(g, {}).get(metric, (v, v)) for g, v in zip(group_names, vals)],
+                      dtype=np.float64)
+        if intervals:
+            err = np.clip(np.stack([vals - ci[:, 0], ci[:, 1] - vals]), 0, None)
+            ax.errorbar(pos, vals, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2)
+        for px, v, top in zip(pos, vals, np.fmax(vals, ci[:, 1])):
+            if np.isfinite(v):  # the value above its interval, where no error bar hides it
+                ax.text(px, top + 0.012, f"{v:.2f}", ha="center", va="bottom", fontsize=6.5)
+        lvl = np.array([chance.get(g, {}).get(metric, np.nan) for g in group_names], dtype=np.float64)
+        ok = np.isfinite(lvl)
+        if ok.any():
+            ax.hlines(lvl[ok], pos[ok] - width / 2, pos[ok] + width / 2, colors="black", linewidth=2)
     ax.set_xticks(x, group_names, fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.08)
-    ax.legend(fontsize=8, ncols=min(4, len(metrics)))
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    handles, labels = ax.get_legend_handles_labels()
+    if intervals:
+        handles.append(Line2D([], [], color="black", linewidth=1, marker="|", markersize=8))
+        labels.append("95% interval")
+    if chance:
+        handles.append(Line2D([], [], color="black", linewidth=2))
+        labels.append("chance (random ranking)")
+    ax.legend(handles, labels, fontsize=7.5, ncols=min(6, len(labels)), loc="upper center", frameon=False,
+              handlelength=1.5, columnspacing=1.0)
     return _finish_chart(fig, ax, title, output, show)

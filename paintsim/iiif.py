@@ -38,8 +38,9 @@ def check_objectid(value: str) -> str:
     return str(int(text))
 
 
-def check_http_url(value: str) -> str:
-    """Return ``value`` without a trailing slash if it is an absolute http(s) URL with a host."""
+def check_image_url(value: str) -> str:
+    """Return ``value`` if it is an absolute http(s) URL with a host and no spaces or control
+    characters (a direct image link may carry a query, unlike a IIIF base)."""
     text = str(value).strip()
     try:
         parts = urlsplit(text)
@@ -47,7 +48,16 @@ def check_http_url(value: str) -> str:
         raise BadRowError(f"URL {value!r} is malformed ({exc})") from exc
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise BadRowError(f"URL {value!r} is not an http(s) URL")
-    if any(ch.isspace() for ch in text) or parts.query or parts.fragment:
+    if any(ch.isspace() or ord(ch) < 32 for ch in text):
+        raise BadRowError(f"URL {value!r} holds spaces or control characters")
+    return text
+
+
+def check_http_url(value: str) -> str:
+    """Return a IIIF base: :func:`check_image_url` without a query or fragment, no trailing slash."""
+    text = check_image_url(value)
+    parts = urlsplit(text)
+    if parts.query or parts.fragment:
         raise BadRowError(f"URL {value!r} is not a plain IIIF base URL")
     return text.rstrip("/")
 

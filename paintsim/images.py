@@ -191,3 +191,14 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS,
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_folder(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every non-hidden file (or link) directly in ``folder``, sorted by name: the images of a
+    collection embedded with ``extract_features.py --images-dir`` (non-images are listed too, and
+    reported as unreadable by whoever reads them)."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise NotADirectoryError(f"{d}: not a directory")
+    return [p for p in sorted(d.iterdir(), key=lambda p: p.name)
+            if not p.name.startswith(".") and (p.is_file() or p.is_symlink())]

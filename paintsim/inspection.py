@@ -20,7 +20,8 @@ import numpy as np
 
 from .artifacts import DataPaths, write_json_atomic
 from .manifest import read_manifest
-from .images import ImageDecodeError, read_file, verify_image
+from .errors import UserError
+from .images import ImageDecodeError, list_folder, read_file, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,17 @@ class _FileCheck:
     sha256: str = ""
 
 
-def _check(root: Path, rel: str) -> _FileCheck:
-    # the manifest is ours, but still untrusted: only images/<name> inside the data dir is opened
+def _check(root: Path, rel: str, folder: Path | None = None) -> _FileCheck:
+    # the manifest is ours, but still untrusted: only images/<name> inside the data dir is opened;
+    # a folder's own listing (``folder``) names files that are there
     rel_path = Path(rel)
-    if rel_path.is_absolute() or ".." in rel_path.parts or len(rel_path.parts) != 2 \
+    if folder is not None:
+        path = folder / rel_path.name
+    elif rel_path.is_absolute() or ".." in rel_path.parts or len(rel_path.parts) != 2 \
             or rel_path.parts[0] != "images":
         return _FileCheck(rel, False, f"file {rel!r} is not of the form images/<name>")
-    path = root / rel_path
+    else:
+        path = root / rel_path
     try:
         data = read_file(path)
     except ImageDecodeError as exc:
@@ -66,22 +71,54 @@ def _distribution(values: list[int]) -> dict:
             "p95": float(q[3]), "max": int(q[4]), "mean": float(arr.mean()), "total": int(arr.sum())}
 
 
+def _folder_listing(folder: Path):
+    """A manifest-shaped table of a folder's files (no metadata: the title is the file's stem)."""
+    import pandas as pd
+
+    files = [p.name for p in list_folder(folder)]
+    return pd.DataFrame({"file": files, "title": [Path(f).stem for f in files], "attribution": "",
+                         "status": "ok", "error": "", "bytes": ""}, dtype=str)
+
+
+def images_dir_of(paths: DataPaths) -> Path | None:
+    """The folder a data dir's features were embedded from (``extract_features.py --images-dir``),
+    when it has no manifest: inspect that folder then."""
+    from .artifacts import read_json_object
+
+    if paths.manifest.exists() or not paths.features_meta.exists():
+        return None
+    try:
+        source = str(read_json_object(paths.features_meta).get("source", ""))
+    except Exception:  # a damaged meta is refused by the stages that need it
+        return None
+    return Path(source[len("images-dir:"):]) if source.startswith("images-dir:") else None
+
+
 def inspect_data(data_dir: str | os.PathLike[str], sheet_size: int = 24, seed: int = 0, workers: int = 4,
                  output: str | os.PathLike[str] | None = None, show: bool = False,
-                 progress: bool = True) -> dict:
-    """Inspect the manifest and images of ``data_dir``; write the report and contact sheet; return the report."""
+                 progress: bool = True, images_dir: str | os.PathLike[str] | None = None) -> dict:
+    """Inspect the manifest and images of ``data_dir`` (or every file of ``images_dir``, a collection
+    without a manifest); write the report and contact sheet; return the report."""
     from tqdm.auto import tqdm
 
     from .figures import contact_sheet
 
     paths = DataPaths.of(data_dir)
-    df = read_manifest(paths.manifest)
+    folder = Path(images_dir) if images_dir else images_dir_of(paths)
+    if folder is not None:
+        try:
+            df = _folder_listing(folder)
+        except NotADirectoryError as exc:
+            raise UserError(f"--images-dir {exc}") from None
+        log.info("inspecting every file of %s (no manifest)", folder)
+    else:
+        df = read_manifest(paths.manifest)
     status_counts = Counter(df["status"])
     failures = Counter(str(e).split(" (after ")[0][:160] for e in df.loc[df["status"] != "ok", "error"])
     ok = df[df["status"] == "ok"]
     files = list(ok["file"])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = list(tqdm(pool.map(lambda f: _check(paths.root, f), files), total=len(files),
+        checks = list(tqdm(pool.map(lambda f: _check(paths.root, f, folder), files), total=len(files),
                            desc="inspect", unit="img", disable=not progress))
     good = [c for c in checks if c.ok]
     unreadable = [{"file": c.file, "error": c.error} for c in checks if not c.ok]
@@ -97,7 +134,8 @@ def inspect_data(data_dir: str | os.PathLike[str], sheet_size: int = 24, seed: i
     mismatched = [c.file for c in checks if c.ok and listed_bytes.get(c.file, "") not in ("", str(c.bytes))]
 
     report = {
-        "manifest": str(paths.manifest),
+        "manifest": str(folder) if folder else str(paths.manifest),
+        "images_dir": str(folder) if folder else None,
         "rows": int(len(df)),
         "status": dict(sorted(status_counts.items())),
         "failure_reasons": dict(failures.most_common()),
@@ -117,9 +155,10 @@ def inspect_data(data_dir: str | os.PathLike[str], sheet_size: int = 24, seed: i
     pool_rows = [r for r in ok.to_dict("records") if r["file"] in readable]
     chosen = random.Random(seed).sample(pool_rows, min(sheet_size, len(pool_rows))) if sheet_size > 0 else []
     if chosen:
-        contact_sheet([paths.root / r["file"] for r in chosen],
+        contact_sheet([(folder / r["file"]) if folder else paths.root / r["file"] for r in chosen],
                       [f"{r['title'] or 'Untitled'} — {r['attribution'] or 'unknown'}" for r in chosen],
-                      sheet, title=f"{len(chosen)} of {len(pool_rows)} images in {paths.root}", show=show)
+                      sheet, title=f"{len(chosen)} of {len(pool_rows)} images in {folder or paths.root}",
+                      show=show)
         report["contact_sheet"] = str(sheet)
     else:
         log.warning("no readable images: no contact sheet drawn")

@@ -9,6 +9,9 @@ definitions are the ones written down in docs/evaluation.md:
 * ``AP@k`` = (1 / min(R, k)) * sum over ranks i <= k that hold a relevant item of precision@i,
   and ``mAP@k`` its mean over queries (1.0 exactly when the first min(R, k) results are relevant)
 * ``F1@k`` = 2 P R / (P + R) per query (0 when both are 0), then averaged over queries
+* chance levels: the exact expectation of each of these for a uniformly random ranking of the
+  M candidates (hits in the first k are hypergeometric), so a score can be read against it
+* ``bootstrap_ci``: percentile interval of a mean over queries, queries resampled with replacement
 * SSIM: Wang, Bovik, Sheikh & Simoncelli (2004), 11x11 Gaussian window with sigma 1.5,
   K1 = 0.01, K2 = 0.03, computed on the "valid" region and averaged (their reference code)
 """
@@ -79,6 +82,91 @@ def _check_k(rel: np.ndarray, k: int) -> None:
         raise ValueError(f"relevance must be [queries, ranks], got shape {rel.shape}")
     if not 1 <= k <= rel.shape[1]:
         raise ValueError(f"k={k} but only {rel.shape[1]} ranked results per query")
+
+
+# --------------------------------------------------------------------------- chance and uncertainty
+# A random ranking puts a uniformly random k-subset of the M candidates first, so the hits X in
+# the first k are hypergeometric (M, R, k): E[X] = k R / M. Each function returns the per-query
+# expectation; the chance level of a mean metric is their mean over the queries.
+
+def _chance_args(n_relevant, n_candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.asarray(n_relevant, dtype=np.float64)
+    m = np.broadcast_to(np.asarray(n_candidates, dtype=np.float64), r.shape)
+    if np.any(r <= 0) or np.any(r > m) or not 1 <= k:
+        raise ValueError("chance levels need 1 <= relevant <= candidates and k >= 1")
+    return r, m
+
+
+def chance_precision_at_k(n_relevant, n_candidates, k: int) -> np.ndarray:
+    """E[precision@k] of a random ranking = R / M (k <= M)."""
+    r, m = _chance_args(n_relevant, n_candidates, k)
+    return r / m
+
+
+def chance_recall_at_k(n_relevant, n_candidates, k: int) -> np.ndarray:
+    """E[recall@k] of a random ranking = min(k, M) / M."""
+    r, m = _chance_args(n_relevant, n_candidates, k)
+    return np.minimum(k, m) / m
+
+
+def chance_f1_at_k(n_relevant, n_candidates, k: int) -> np.ndarray:
+    """E[F1@k] of a random ranking. With X hits, P = X/k and R' = X/R, F1 = 2X / (k + R) (also
+    for X = 0), linear in X, so its expectation is 2 E[X] / (k + R) = 2 k R / (M (k + R))."""
+    r, m = _chance_args(n_relevant, n_candidates, k)
+    kk = np.minimum(k, m)
+    return 2.0 * kk * r / (m * (k + r))
+
+
+def chance_average_precision_at_k(n_relevant, n_candidates, k: int) -> np.ndarray:
+    """E[AP@k] of a random ranking, exactly.
+
+    AP@k = sum_{i<=k} rel_i * hits_i / i / min(R, k). For a random ranking
+    P(rel_i) = R/M and E[hits_i | rel_i] = 1 + (i-1)(R-1)/(M-1), so
+    E[AP@k] = R / (M min(R, k)) * (H_k + (R-1)/(M-1) * (k - H_k)), H_k = sum_{i<=k} 1/i
+    (k capped at M).
+    """
+    r, m = _chance_args(n_relevant, n_candidates, k)
+    kk = np.minimum(k, m)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])
+    hk = harmonic[kk.astype(np.int64)]
+    inner = np.divide(r - 1, m - 1, out=np.zeros_like(r), where=m > 1)
+    return r / (m * np.minimum(r, k)) * (hk + inner * (kk - hk))
+
+
+def bootstrap_ci(per_query_values, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple:
+    """Percentile bootstrap interval of the mean over queries: the queries are resampled with
+    replacement ``n_boot`` times (seeded) and the mean recomputed each time.
+
+    ``per_query_values`` is ``[Q]`` (returns two floats) or ``[Q, M]``, M metrics sharing the
+    same resamples (returns two ``[M]`` arrays). Vectorised as counts @ values in blocks of
+    resamples, so memory stays at about 8 M numbers whatever Q.
+    """
+    v = np.asarray(per_query_values, dtype=np.float64)
+    one = v.ndim == 1
+    v = v[:, None] if one else v
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise ValueError(f"bootstrap needs values of shape [queries] or [queries, metrics], got {v.shape}")
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap needs n_boot >= 1 and 0 < level < 1, got {n_boot} and {level}")
+    q = v.shape[0]
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, v.shape[1]))
+    step = max(1, (1 << 23) // q)
+    for s in range(0, n_boot, step):
+        b = min(n_boot, s + step) - s
+        draws = rng.integers(0, q, size=(b, q)) + (np.arange(b) * q)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * q).reshape(b, q)
+        means[s:s + b] = counts.astype(np.float64) @ v / q
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return (float(lo[0]), float(hi[0])) if one else (lo, hi)
+
+
+def contains(interval, value: float, tol: float = 1e-12) -> bool:
+    """Whether ``value`` lies in the closed interval ``(lo, hi)``: the metric cannot be told apart
+    from it at that level."""
+    lo, hi = interval
+    return bool(lo - tol <= value <= hi + tol)
 
 
 # --------------------------------------------------------------------------- distributions

@@ -160,3 +160,23 @@ def compare_tables(a: NeighbourTable, b: NeighbourTable, features: np.ndarray, t
     n = len(a.index)
     return {"rows": n, "identical_rows": same, "identical_fraction": same / n if n else 1.0,
             "rows_beyond_tolerance": beyond, "tolerance": tol}
+
+
+def neighbours_of_all(emb, k: int, device: str = "auto",
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-k neighbours of every row of ``emb`` (an ``Embeddings``), self excluded: from the
+    table :func:`find_table` picks, else computed by the exact kernel. Returns (index int64
+    [N, k], score float32 [N, k], where they came from, in words)."""
+    from . import knn
+
+    n = len(emb)
+    k = knn.validate_k(k, n)
+    table = find_table(emb.paths, k, n, emb.sha256)
+    if table is not None:
+        return (np.asarray(table.index[:, :k], dtype=np.int64), np.asarray(table.score[:, :k], dtype=np.float32),
+                table.describe())
+    log.info("no usable neighbour table in %s: computing the top-%d neighbours from %s", emb.paths.root, k,
+             emb.paths.features)
+    index, score = knn.top_k_neighbors(emb.features, k, device=device, exclude_self=True, progress=progress)
+    return (np.asarray(index, dtype=np.int64), np.asarray(score, dtype=np.float32),
+            f"an exact search of {emb.paths.features.name}")

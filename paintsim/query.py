@@ -1,7 +1,8 @@
 """Which painting is the user asking about, and what are its neighbours?
 
 A query names a painting of the collection (a row of ``image_names.npy``, an image file name, an
-image uuid, or an NGA objectid, resolved through ``manifest.csv``), a seeded random painting, or an
+id of the manifest such as a uuid, an NGA objectid or one's own item id, or a part of a title), a
+seeded random painting, or an
 outside image (a file or an http(s) URL) embedded with the model recorded in
 ``features_meta.json``. Neighbours come from the neighbour table when it is there and deep enough,
 otherwise from an exact search of ``features.npy``.
@@ -29,7 +30,9 @@ MAX_URL_BYTES = 50 * 1024 * 1024
 #: Seconds ``--image URL`` may take in all (a server sending one byte per second is cut off).
 URL_DEADLINE = 120.0
 
-PREFIXES = ("row", "file", "uuid", "objectid")
+PREFIXES = ("row", "file", "key", "uuid", "objectid", "title")
+#: Random pairs that measure what a score means in this collection (display_similar.py).
+LEVEL_PAIRS = 5000
 
 
 @dataclass
@@ -71,15 +74,17 @@ class Collection:
         return self._manifest
 
     def info(self, row: int) -> dict[str, str]:
-        """Title, artist, date, objectid and uuid of a row (empty strings when unknown)."""
+        """Title, artist, date, objectid, uuid and key of a row (empty strings when unknown)."""
         name = str(self.names[row])
         out = {"name": name, "title": "", "attribution": "", "displaydate": "", "objectid": "",
-               "uuid": Path(name).stem, "file": f"images/{name}"}
+               "uuid": "", "key": Path(name).stem, "file": f"images/{name}"}
         m = self.manifest
         if m is not None and name in m.index:
             rec = m.loc[name]
-            for key in ("title", "attribution", "displaydate", "objectid", "uuid", "file"):
+            for key in ("title", "attribution", "displaydate", "objectid", "uuid", "key", "file"):
                 out[key] = str(rec.get(key, "") or out[key])
+        elif UUID_RE.match(out["key"]):
+            out["uuid"] = out["key"]
         return out
 
     def image_path(self, row: int) -> Path:
@@ -89,24 +94,52 @@ class Collection:
 
 # --------------------------------------------------------------------------- resolving --query
 
+#: Candidates listed when a query matches several paintings.
+MAX_CANDIDATES = 10
+
+
+def _id_columns(m) -> list[str]:
+    """The manifest's columns that name one painting: key, uuid, objectid, and any column of the
+    user's own whose filled values are all different (an inventory number, an item id)."""
+    from .manifest import FETCHED_FROM, ID_COLUMNS, MANIFEST_COLUMNS
+
+    cols = [c for c in ID_COLUMNS if c in m.columns]
+    for c in m.columns:
+        if c in MANIFEST_COLUMNS or c == FETCHED_FROM or c == "name":
+            continue
+        filled = m[c][m[c] != ""]
+        if len(filled) >= 2 and filled.is_unique:
+            cols.append(c)
+    return cols
+
+
 def resolve_query(query: str, coll: Collection) -> int:
     """Map ``--query`` to a row of ``image_names.npy``, or raise a UserError saying why not.
 
-    Accepted: a row index, an image file name (``<uuid>.jpg`` or ``images/<uuid>.jpg``), an image
-    uuid, or an NGA objectid; any of them may be written with an explicit prefix (``row:12``,
-    ``file:...``, ``uuid:...``, ``objectid:1155``). A bare number that is both a row index and an
-    objectid of another painting is ambiguous and must be prefixed.
+    Accepted: a row index, an image file name (``<key>.jpg`` or ``images/<key>.jpg``), the value of
+    any id column of the manifest (key, uuid, objectid, or a column of one's own such as an item
+    id), or a part of a title. Any of them may be written with a prefix (``row:12``, ``file:...``,
+    ``title:...``, ``<column>:value`` for any manifest column). A bare number that is both a row
+    index and an id of another painting is ambiguous and must be prefixed; a title that matches
+    several paintings lists them.
     """
     q = str(query).strip()
     if not q:
         raise UserError("--query is empty")
-    kind = None
-    if ":" in q and q.split(":", 1)[0].lower() in PREFIXES:
-        kind, q = q.split(":", 1)
-        kind, q = kind.lower(), q.strip()
     n = len(coll)
+    m = coll.manifest
+    columns = {c.lower(): c for c in (m.columns if m is not None else ()) if c != "name"}
+    kind = None
+    if ":" in q:
+        head, rest = q.split(":", 1)
+        if head.strip().lower() in set(PREFIXES) | {"title"} | set(columns):
+            kind, q = head.strip().lower(), rest.strip()
     hint = (f"not in the collection ({n} images listed in {coll.paths.image_names}); "
             "to search with an image from outside the collection use --image PATH_OR_URL")
+    row_of_name = {str(nm): i for i, nm in reversed(list(enumerate(coll.names)))}
+
+    def rows_of(names) -> list[int]:
+        return sorted({row_of_name[nm] for nm in names if nm in row_of_name})
 
     def by_row() -> int | None:
         if re.fullmatch(r"-?\d+", q):
@@ -115,39 +148,39 @@ def resolve_query(query: str, coll: Collection) -> int:
                 return i % n
         return None
 
-    def by_file() -> int | None:
+    def by_file() -> list[int]:
         base = Path(q).name
-        hits = np.flatnonzero(coll.names == base)
-        return int(hits[0]) if hits.size else None
+        return [int(h) for h in np.flatnonzero(coll.names == base)[:1]]
 
-    def by_uuid() -> int | None:
-        if not UUID_RE.match(q):
-            return None
-        stems = np.char.partition(coll.names, ".")[:, 0]
-        hits = np.flatnonzero(np.char.lower(stems) == q.lower())
-        if hits.size:
-            return int(hits[0])
-        m = coll.manifest
-        if m is not None:
-            rows = m[m["uuid"].str.lower() == q.lower()]
-            for name in rows.index:
-                hits = np.flatnonzero(coll.names == name)
-                if hits.size:
-                    return int(hits[0])
-        return None
+    def by_column(col: str, value: str) -> list[int]:
+        hits: list[int] = []
+        if col in ("uuid", "key"):  # the stem of an image name is its key (NGA: its uuid)
+            stems = np.char.partition(coll.names.astype(str), ".")[:, 0]
+            hits = [int(h) for h in np.flatnonzero(np.char.lower(stems) == value.lower())]
+        if m is not None and col in m.columns:
+            vals = m[col].str.strip()
+            match = vals.str.lower() == value.lower() if col in ("uuid", "key") else vals == value
+            hits += rows_of(m.index[match])
+        return sorted(set(hits))
 
-    def by_objectid() -> int | None:
-        if not re.fullmatch(r"\d+", q):
-            return None
-        m = coll.manifest
+    def by_title(text: str) -> list[int]:
         if m is None:
-            return None
-        names = list(m.index[m["objectid"] == q])
-        rows = [int(h) for name in names for h in np.flatnonzero(coll.names == name)]
+            return []
+        titles = m["title"].str.lower()
+        exact = rows_of(m.index[titles == text.lower()])
+        return exact if len(exact) == 1 else rows_of(m.index[titles.str.contains(text.lower(), regex=False)])
+
+    def one(rows: list[int], what: str) -> int:
         if len(rows) > 1:
-            log.info("objectid %s has %d images in the collection (rows %s); using the first",
-                     q, len(rows), ", ".join(map(str, rows[:10])))
-        return rows[0] if rows else None
+            lines = []
+            for r in rows[:MAX_CANDIDATES]:
+                i = coll.info(r)
+                lines.append(f"row:{r} ({i['title'] or i['name']!r} by {i['attribution'] or 'unknown'}; "
+                             f"key {i['key']})")
+            more = f" and {len(rows) - MAX_CANDIDATES} more" if len(rows) > MAX_CANDIDATES else ""
+            raise UserError(f"--query {what} matches {len(rows)} paintings: {'; '.join(lines)}{more}; "
+                            "name one by row:N or key:KEY")
+        return rows[0]
 
     if kind == "row":
         row = by_row()
@@ -155,29 +188,47 @@ def resolve_query(query: str, coll: Collection) -> int:
             raise UserError(f"--query row:{q}: the collection has rows 0..{n - 1}")
         return row
     if kind is not None:
-        row = {"file": by_file, "uuid": by_uuid, "objectid": by_objectid}[kind]()
-        if row is None:
+        if kind == "file":
+            rows = by_file()
+        elif kind == "title":
+            rows = by_title(q)
+        else:
+            rows = by_column(columns.get(kind, kind), q)
+            if kind == "objectid" and len(rows) > 1:
+                log.info("objectid %s has %d images in the collection (rows %s); using the first",
+                         q, len(rows), ", ".join(map(str, rows[:10])))
+                rows = rows[:1]
+        if not rows:
             raise UserError(f"--query {kind}:{q}: {hint}")
-        return row
+        return one(rows, f"{kind}:{q}")
 
-    if UUID_RE.match(q):
-        row = by_uuid()
-    elif re.fullmatch(r"-?\d+", q):
-        as_row, as_object = by_row(), by_objectid()
-        if as_row is not None and as_object is not None and as_row != as_object:
-            a, b = coll.info(as_row), coll.info(as_object)
-            raise UserError(f"--query {q} is ambiguous: row {as_row} ({a['title']!r} by {a['attribution']}) "
-                            f"or NGA objectid {q} ({b['title']!r} by {b['attribution']}); "
-                            f"write row:{q} or objectid:{q}")
-        row = as_row if as_row is not None else as_object
-        if row is None:
-            raise UserError(f"--query {q}: neither a row (0..{n - 1}) nor the objectid of a painting "
-                            f"in the collection; {hint}")
+    if m is not None:
+        ids = {c: by_column(c, q) for c in _id_columns(m)}
     else:
-        row = by_file()
-    if row is None:
+        ids = {"key": by_column("key", q)}
+    ids = {c: r for c, r in ids.items() if r}
+    if "objectid" in ids:
+        ids["objectid"] = ids["objectid"][:1]  # several views of one object: its first image
+    if re.fullmatch(r"-?\d+", q):
+        as_row = by_row()
+        other = next(((c, r[0]) for c, r in ids.items() if r[0] != as_row), None)
+        if as_row is not None and other is not None:
+            a, b = coll.info(as_row), coll.info(other[1])
+            raise UserError(f"--query {q} is ambiguous: row {as_row} ({a['title']!r} by {a['attribution']}) "
+                            f"or {other[0]} {q} ({b['title']!r} by {b['attribution']}); "
+                            f"write row:{q} or {other[0]}:{q}")
+        if as_row is not None:
+            return as_row
+        if not ids:
+            raise UserError(f"--query {q}: neither a row (0..{n - 1}) nor the id of a painting "
+                            f"in the collection; {hint}")
+    rows = by_file()
+    if not rows:
+        found = sorted({r for hits in ids.values() for r in hits})
+        rows = found if found else ([] if UUID_RE.match(q) else by_title(q))
+    if not rows:
         raise UserError(f"--query {q}: {hint}")
-    return row
+    return one(rows, repr(q))
 
 
 def random_query(coll: Collection, seed: int) -> int:
@@ -207,6 +258,64 @@ def neighbors_of_row(coll: Collection, row: int, k: int, device: str = "auto") -
     keep = idx != row
     return (idx[keep][:k].astype(np.int64), score[keep][:k].astype(np.float32),
             f"an exact search of {coll.paths.features.name}")
+
+
+def all_neighbours(coll: Collection, k: int, device: str = "auto",
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-k neighbours of every row (self excluded): (index [N, k], score [N, k], where from)."""
+    from .neighbours import neighbours_of_all
+
+    return neighbours_of_all(coll.emb, k, device=device, progress=progress)
+
+
+def random_pair_level(coll: Collection, pairs: int = LEVEL_PAIRS, seed: int = 0) -> dict[str, float]:
+    """Mean and 95th percentile of the similarity of seeded random pairs of distinct paintings:
+    the level a neighbour's score must be read against (real embeddings put it well above 0)."""
+    n = len(coll)
+    if n < 2:
+        return {"mean": float("nan"), "p95": float("nan"), "pairs": 0}
+    rng = np.random.default_rng(seed)
+    i = rng.integers(n, size=pairs)
+    j = (i + rng.integers(1, n, size=pairs)) % n  # never i itself
+    order = np.argsort(i, kind="stable")  # sorted reads of a memory-mapped file
+    fi = np.asarray(coll.features[np.sort(i)], dtype=np.float32)
+    fj = np.asarray(coll.features[j[order]], dtype=np.float32)
+    sims = np.einsum("pd,pd->p", fi, fj)
+    return {"mean": float(sims.mean()), "p95": float(np.percentile(sims, 95)), "pairs": int(pairs)}
+
+
+def describe(info: dict[str, str]) -> str:
+    """A painting as a person names it: 'Title' by Artist (date)."""
+    title = info.get("title") or info.get("key") or info.get("name", "")
+    text = f"{title!r} by {info.get('attribution') or 'unknown artist'}"
+    return text + (f" ({info['displaydate']})" if info.get("displaydate") else "")
+
+
+#: Columns of neighbours.csv (display_similar.py --all).
+NEIGHBOURS_CSV_COLUMNS = ["query_row", "query_key", "query_title", "query_attribution", "rank",
+                          "neighbour_row", "neighbour_key", "neighbour_title", "neighbour_attribution",
+                          "score"]
+
+
+def write_neighbours_csv(coll: Collection, index: np.ndarray, score: np.ndarray, path) -> int:
+    """Every painting's neighbours with the titles and artists of both, as one spreadsheet-safe
+    CSV, streamed; returns the number of rows written."""
+    from .artifacts import write_csv_for_people
+
+    infos = [coll.info(r) for r in range(len(coll))]
+    keys = [i["key"] for i in infos]
+    titles = [i["title"] for i in infos]
+    artists = [i["attribution"] for i in infos]
+
+    def rows():
+        for q in range(index.shape[0]):
+            for rank, (r, s) in enumerate(zip(index[q], score[q]), 1):
+                r = int(r)
+                yield (q, keys[q], titles[q], artists[q], rank, r, keys[r], titles[r], artists[r],
+                       round(float(s), 4))
+
+    write_csv_for_people(path, NEIGHBOURS_CSV_COLUMNS, rows())
+    return int(index.size)
 
 
 # --------------------------------------------------------------------------- outside images

@@ -54,6 +54,29 @@ def test_a_number_that_is_both_a_row_and_an_objectid_is_refused_as_ambiguous(tmp
     assert query.resolve_query("objectid:1003", coll) == 3 and query.resolve_query("row:1003", coll) == 1003
 
 
+def test_query_matches_an_id_column_of_ones_own_and_a_title(synthetic):
+    from paintsim.manifest import read_manifest, write_manifest
+
+    root = synthetic["root"]
+    m = read_manifest(root / "manifest.csv")
+    m["item_id"] = [f"INV-{i:03d}" for i in range(len(m))]
+    m["museum"] = ["Met" if i % 2 else "Louvre" for i in range(len(m))]  # not unique: not an id
+    write_manifest(root / "manifest.csv", m)
+    coll = query.Collection.open(root)
+    assert query.resolve_query("INV-007", coll) == 7
+    assert query.resolve_query("item_id:INV-011", coll) == 11
+    assert query.resolve_query(f"key:{synthetic['uuids'][5]}", coll) == 5
+    assert query.resolve_query("Painting 13", coll) == 13          # one exact title
+    assert query.resolve_query("title:painting 4", coll) == 4     # without case
+    with pytest.raises(UserError, match="Met.* matches 14 paintings"):
+        query.resolve_query("museum:Met", coll)
+    with pytest.raises(UserError) as err:
+        query.resolve_query("Painting", coll)
+    msg = str(err.value)
+    assert "matches 28 paintings" in msg and "row:0 ('Painting 0' by" in msg and "and 18 more" in msg
+    assert "row:N or key:KEY" in msg
+
+
 def test_random_query_is_seeded(synthetic):
     coll = query.Collection.open(synthetic["root"])
     picks = {query.random_query(coll, s) for s in range(20)}
@@ -83,9 +106,31 @@ def test_display_script_uses_the_neighbour_table_and_names_the_figure_after_the_
     listed = [int(line.split("[row ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "[row " in line]
     assert listed == expected.tolist()
     img = np.asarray(Image.open(out).convert("L"))
-    assert img.shape == (275 + 40, 6 * 200) and img.std() > 10
+    assert img.shape == (275 + 70, 6 * 200) and img.std() > 10  # a three-line heading
     bad = run_script("display_similar.py", "--data-dir", root, "--query", "nope.jpg", check=False)
     assert bad.returncode == 2 and "not in the collection" in bad.stderr and "Traceback" not in bad.stderr
+    # the heading names the painting, not its row, and says what a score means here
+    assert "query: 'Painting 4' by" in proc.stdout
+    assert "random pairs of this collection score" in proc.stdout
+
+
+def test_all_lists_every_paintings_neighbours_with_titles_in_one_csv(synthetic):
+    import pandas as pd
+
+    root = synthetic["root"]
+    proc = run_script("display_similar.py", "--data-dir", root, "--all", "--k", "3", "--no-progress")
+    assert "84 neighbours of 28 paintings (k = 3)" in proc.stdout
+    df = pd.read_csv(root / "neighbours.csv", dtype=str, keep_default_na=False)
+    assert list(df.columns) == query.NEIGHBOURS_CSV_COLUMNS and len(df) == 28 * 3
+    index = synthetic["index"][:, :3]
+    assert df["neighbour_row"].astype(int).tolist() == index.ravel().tolist()
+    assert df["query_title"].iloc[5] == "Painting 1" and df["rank"].iloc[5] == "3"
+    assert df["neighbour_title"].iloc[5] == f"Painting {index[1, 2]}"
+    assert np.allclose(df["score"].astype(float), synthetic["score"][:, :3].ravel(), atol=1e-4)
+    assert not (root / "figures").exists()  # figures only when asked for
+    run_script("display_similar.py", "--data-dir", root, "--all", "--k", "2", "--figures", "--no-progress",
+               "--output", root / "two.csv")
+    assert len(list((root / "figures").glob("similar_row*.png"))) == 28
 
 
 # ----------------------------------------------------------------------------- real model
@@ -146,7 +191,7 @@ def test_outside_image_by_url_is_fetched_bounded_and_found(sample_data, http_dir
     proc = run_script("display_similar.py", "--data-dir", sample_data, "--image", f"{base}/painting.jpg",
                       "--k", "3", "--device", "cpu")
     first = [line for line in proc.stdout.splitlines() if line.strip().startswith("1.")][0]
-    assert name in first
+    assert str(name).rsplit(".", 1)[0] in first  # listed by its key
     with pytest.raises(UserError, match="exceeds the 1000-byte limit"):
         query.fetch_url(f"{base}/painting.jpg", max_bytes=1000)
     with pytest.raises(UserError, match="HTTP 404"):
@@ -166,3 +211,18 @@ def test_without_a_neighbour_table_the_features_are_searched(sample_data):
     s[row] = -np.inf
     listed = [int(line.split("[row ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "[row " in line]
     assert listed == np.argsort(-s, kind="stable")[:4].tolist()
+
+
+def test_all_on_the_sample_names_every_painting_by_its_title(sample_data):
+    import pandas as pd
+
+    proc = run_script("display_similar.py", "--data-dir", sample_data, "--all", "--no-progress")
+    assert "790 neighbours of 79 paintings (k = 10) from an exact search of features.npy" in proc.stdout
+    df = pd.read_csv(sample_data / "neighbours.csv", dtype=str, keep_default_na=False)
+    coll = query.Collection.open(sample_data)
+    assert len(df) == 790 and (df["query_title"] != "").all() and (df["neighbour_attribution"] != "").all()
+    assert df.groupby("query_row")["rank"].count().eq(10).all()
+    first = df[df["query_row"] == "0"]
+    found, _, _ = query.neighbors_of_row(coll, 0, 10, device="cpu")
+    assert first["neighbour_row"].astype(int).tolist() == found.tolist()
+    assert first["neighbour_title"].tolist() == [coll.info(int(r))["title"] for r in found]

@@ -18,6 +18,10 @@ def test_later_stages_read_images_from_the_folder_the_features_came_from(tmp_pat
                "--backbone", "mobilenet_v2", "--no-progress")
     run_script("optimized_similarity.py", "--data-dir", data, "--k", "3", "--no-progress")
 
+    inspected = run_script("inspect_images.py", "--data-dir", data, "--no-progress")  # no manifest: the folder
+    assert "readable images: 8; unreadable: 0" in inspected.stdout
+    assert read_json(data / "inspection.json")["images_dir"] == str(scans.resolve())
+
     coll = Collection.open(data)
     assert coll.image_path(0).parent == scans.resolve()
     assert coll.image_path(0).is_file()

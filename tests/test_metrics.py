@@ -163,3 +163,92 @@ def test_ssim_rejects_mismatched_or_tiny_images():
 def test_rmse_hand_computed():
     assert metrics.rmse(np.zeros((4, 4)), np.ones((4, 4))) == 1.0
     assert metrics.rmse(np.array([0.0, 0.0]), np.array([0.3, 0.4])) == pytest.approx(np.sqrt(0.125))
+
+
+# --------------------------------------------------------------------------- chance and bootstrap
+
+def _all_rankings(m: int, r: int, k: int) -> np.ndarray:
+    """Every ordered choice of k of m candidates (the first r relevant) as a relevance matrix."""
+    from itertools import permutations
+
+    return np.array([[c < r for c in p] for p in permutations(range(m), k)], dtype=bool)
+
+
+@pytest.mark.parametrize("m", [2, 6])
+def test_chance_levels_equal_the_mean_over_every_possible_ranking(m):
+    # exact: a random ranking is each ordered k-subset with equal probability
+    for r in range(1, m + 1):
+        for k in range(1, m + 1):
+            rel = _all_rankings(m, r, k)
+            rr = np.full(len(rel), r)
+            hits = rel.sum(axis=1)
+            assert metrics.chance_precision_at_k([r], m, k)[0] == pytest.approx(
+                metrics.precision_at_k(rel, k).mean(), abs=1e-12)
+            assert metrics.chance_recall_at_k([r], m, k)[0] == pytest.approx(
+                metrics.recall_at_k(rel, rr, k).mean(), abs=1e-12)
+            assert metrics.chance_average_precision_at_k([r], m, k)[0] == pytest.approx(
+                metrics.average_precision_at_k(rel, rr, k).mean(), abs=1e-12), (m, r, k)
+            assert metrics.chance_f1_at_k([r], m, k)[0] == pytest.approx(
+                metrics.f1_score(hits / k, hits / r).mean(), abs=1e-12)
+
+
+def test_chance_levels_match_a_simulated_random_ranking_of_a_large_collection():
+    # 200 candidates, k up to 10 (too many rankings to enumerate): 40,000 shuffles per case
+    rng = np.random.default_rng(0)
+    m, trials = 200, 40_000
+    for r in (1, 4, 30):
+        top = np.argpartition(rng.random((trials, m)), 10, axis=1)[:, :10]
+        top = np.take_along_axis(top, np.argsort(rng.random(top.shape), axis=1), axis=1)  # random order
+        rel = top < r
+        rr = np.full(trials, r)
+        for k in (1, 5, 10):
+            for chance, sim in ((metrics.chance_precision_at_k, metrics.precision_at_k(rel, k)),
+                                (metrics.chance_recall_at_k, metrics.recall_at_k(rel, rr, k)),
+                                (metrics.chance_average_precision_at_k, metrics.average_precision_at_k(rel, rr, k))):
+                se = sim.std() / np.sqrt(trials)
+                assert abs(chance([r], m, k)[0] - sim.mean()) < 4 * se + 1e-9, (chance.__name__, r, k)
+
+
+def test_chance_levels_refuse_impossible_counts():
+    with pytest.raises(ValueError, match="chance"):
+        metrics.chance_precision_at_k([0], 10, 1)
+    with pytest.raises(ValueError, match="chance"):
+        metrics.chance_average_precision_at_k([11], 10, 1)
+
+
+def test_bootstrap_interval_covers_the_true_mean_95_percent_of_the_time():
+    # per-query hits drawn with a known rate; the 95% interval must contain it about 95% of the time
+    rng = np.random.default_rng(123)
+    for p, q in ((0.3, 60), (0.1, 200)):
+        covered = [metrics.contains(metrics.bootstrap_ci(rng.random(q) < p, seed=t), p) for t in range(400)]
+        assert 0.91 <= np.mean(covered) <= 0.98, (p, q, np.mean(covered))
+    # per-query precision@5 (binomial / 5) of 80 queries, population mean 0.2
+    covered = [metrics.contains(metrics.bootstrap_ci(rng.binomial(5, 0.2, 80) / 5, seed=t), 0.2)
+               for t in range(400)]
+    assert 0.91 <= np.mean(covered) <= 0.98
+
+
+def test_bootstrap_is_the_percentile_interval_of_resampled_means_and_is_seeded():
+    rng = np.random.default_rng(5)
+    v = rng.random((70, 3))
+    lo, hi = metrics.bootstrap_ci(v, n_boot=800, seed=9)
+    # reference: resample the queries with replacement, recompute the mean, take the percentiles
+    idx = np.random.default_rng(9).integers(0, 70, size=(800, 70))
+    ref = np.quantile(v[idx].mean(axis=1), [0.025, 0.975], axis=0)
+    np.testing.assert_allclose([lo, hi], ref, atol=1e-12)
+    assert metrics.bootstrap_ci(v[:, 0], n_boot=800, seed=9) == pytest.approx((lo[0], hi[0]))
+    assert metrics.bootstrap_ci(v[:, 0], seed=1) != metrics.bootstrap_ci(v[:, 0], seed=2)
+    assert metrics.bootstrap_ci(np.full(30, 0.4)) == pytest.approx((0.4, 0.4))
+    # wider with fewer queries
+    few, many = metrics.bootstrap_ci(v[:10, 0]), metrics.bootstrap_ci(rng.random(1000))
+    assert few[1] - few[0] > many[1] - many[0]
+    with pytest.raises(ValueError, match="bootstrap"):
+        metrics.bootstrap_ci(np.zeros(0))
+
+
+def test_bootstrap_of_many_queries_works_in_blocks_with_the_normal_width():
+    # 20,000 queries: the resamples are drawn in blocks; the width is the textbook 2 * 1.96 * sd / sqrt(Q)
+    v = (np.random.default_rng(3).random(20_000) < 0.5).astype(float)
+    lo, hi = metrics.bootstrap_ci(v, seed=0)
+    assert lo < v.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * v.std() / np.sqrt(v.size), rel=0.15)

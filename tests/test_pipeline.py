@@ -46,7 +46,7 @@ def test_demo_pipeline_runs_every_stage_end_to_end(demo):
     assert any(f.startswith("similar_row0_") for f in figs)
     assert {"eval_similarity_hist.png", "eval_retrieval.png"} <= set(figs)
     img = np.asarray(Image.open(next((data / "figures").glob("similar_row0_*.png"))).convert("L"))
-    assert img.shape == (275 * 2 + 40, 1200) and img.std() > 10
+    assert img.shape == (275 * 2 + 70, 1200) and img.std() > 10  # a three-line heading
     assert proc.stdout.rstrip().endswith(f"report:  {data}/evaluation.json")
     assert f"figures: {data}/figures/" in proc.stdout
 

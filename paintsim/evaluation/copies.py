@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import knn, metrics
+from .retrieval import interval_and_chance
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +23,63 @@ COPY_KS = (1, 3, 5)
 COPY_KINDS = ("crop", "rotate", "jitter", "blur", "jpeg")
 
 
-
 def copies_section(emb, cfg) -> dict:
-    """Embed perturbed copies of a seeded sample and find them among the collection + all copies."""
+    """Embed perturbed copies of a seeded sample and find them among the collection + all copies,
+    once per seed of ``cfg.seed``, ``cfg.seed + 1``, ... (``cfg.copy_seeds``): the report is the
+    first seed's, with intervals and chance levels, plus the spread over the seeds.
+
+    Raises ``UserError`` when the model cannot be built (no meta, no weights offline).
+    """
     from ..devices import resolve_device
     from ..embedder import Embedder
+
+    device = resolve_device(cfg.device)
+    embedder = Embedder.for_collection(emb, device=device, weights=cfg.weights)
+    seeds = [cfg.seed + i for i in range(max(1, cfg.copy_seeds))]
+    runs = [_one_seed(emb, embedder, device, cfg, s, check_originals=i == 0) for i, s in enumerate(seeds)]
+    out, per_query = runs[0]
+    if per_query is None:
+        return out
+    chance = _chance(out)
+    out.update(interval_and_chance(per_query, chance, cfg.n_boot, cfg.seed, resampled="originals"))
+    done = [(s, pq) for s, (_, pq) in zip(seeds, runs) if pq is not None]
+    out["seeds"] = [s for s, _ in done]
+    out["per_seed"] = {m: [float(pq[m].mean()) for _, pq in done] for m in per_query}
+    out["spread"] = {m: _spread(v) for m, v in out["per_seed"].items()}
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    """Mean, min, max and standard deviation (ddof 1; 0 for one seed) of one metric over seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
+def _chance(out: dict) -> dict[str, float]:
+    """A random ranking of the collection (minus the original) plus all copies, its own copies
+    relevant: the same for every original."""
+    m, r = out["searched_among"], out["copies_per_original"]
+    chance = {}
+    for k in COPY_KS:
+        chance[f"precision@{k}"] = float(metrics.chance_precision_at_k([r], m, k)[0])
+        chance[f"recall@{k}"] = float(metrics.chance_recall_at_k([r], m, k)[0])
+        chance[f"f1@{k}"] = float(metrics.chance_f1_at_k([r], m, k)[0])
+    return chance
+
+
+def _one_seed(emb, embedder, device, cfg, seed: int, check_originals: bool = True) -> tuple[dict, dict | None]:
+    """One copy experiment: (report keys, per-original metric values or None when nothing ran).
+    ``check_originals`` re-embeds the originals too (the check that the model is the collection's;
+    once is enough)."""
     from ..images import ImageDecodeError, load_rgb
     from ..perturb import perturb
 
     features = emb.features
     n = features.shape[0]
     kinds = list(cfg.copy_kinds)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(cfg.copy_sample, n), replace=False))
-    device = resolve_device(cfg.device)
-    embedder = Embedder.for_collection(emb, device=device, weights=cfg.weights)
     originals, copies, owners, kind_of, unreadable = [], [], [], [], []
     reembedded: list[np.ndarray] = []
     pending: list = []
@@ -56,30 +99,31 @@ def copies_section(emb, cfg) -> dict:
         pending.clear()
         pending_tags.clear()
 
-    for row in tqdm(sample, desc="perturbed copies", unit="painting", disable=not cfg.progress):
+    for row in tqdm(sample, desc=f"perturbed copies (seed {seed})", unit="painting", disable=not cfg.progress):
         try:
             img = load_rgb(emb.image_path(int(row)))
         except ImageDecodeError as exc:
             unreadable.append(str(exc))
             continue
         originals.append(int(row))
-        pending.append(img)
-        pending_tags.append(("orig", int(row), -1))
+        if check_originals:
+            pending.append(img)
+            pending_tags.append(("orig", int(row), -1))
         for kind_idx, kind in enumerate(kinds):
-            krng = np.random.default_rng([cfg.seed, int(row), kind_idx])
+            krng = np.random.default_rng([seed, int(row), kind_idx])
             pending.append(perturb(img, kind, krng))
             pending_tags.append(("copy", int(row), kind_idx))
         if len(pending) >= cfg.batch_size:
             flush()
     flush()
     if not originals:
-        return {"status": "skipped: no sampled image could be read", "unreadable": unreadable}
+        return {"status": "skipped: no sampled image could be read", "unreadable": unreadable}, None
     q_rows = np.asarray(originals)
     copies_arr = np.stack(copies)
     owners_arr = np.asarray(owners)
     kinds_arr = np.asarray(kind_of)
     queries = np.asarray(features[q_rows], dtype=np.float32)
-    self_cos = np.einsum("qd,qd->q", queries, np.stack(reembedded))
+    self_cos = np.einsum("qd,qd->q", queries, np.stack(reembedded)) if reembedded else None
     kmax = max(COPY_KS)
     coll_idx, coll_score = knn.search(queries, features, min(n, kmax + 1), device=device)
     copy_score = queries @ copies_arr.T  # [Q, Q * kinds], small
@@ -101,17 +145,19 @@ def copies_section(emb, cfg) -> dict:
         "n_originals": int(len(q_rows)), "copies_per_original": n_copies, "kinds": kinds,
         "n_copies": int(len(copies_arr)), "searched_among": int(n - 1 + len(copies_arr)),
         "unreadable": len(unreadable),
-        "reembedded_original_cosine_min": float(self_cos.min()),
-        "reembedded_original_cosine_mean": float(self_cos.mean()),
     }
+    if self_cos is not None:
+        out["reembedded_original_cosine_min"] = float(self_cos.min())
+        out["reembedded_original_cosine_mean"] = float(self_cos.mean())
+    per_query: dict[str, np.ndarray] = {}
     for k in COPY_KS:
         hits = np.asarray(hits_by_k[k], dtype=np.float64)
         p, r = hits / k, hits / n_copies
-        out[f"precision@{k}"] = float(p.mean())
-        out[f"recall@{k}"] = float(r.mean())
-        out[f"f1@{k}"] = float(metrics.f1_score(p, r).mean())
+        per_query[f"precision@{k}"], per_query[f"recall@{k}"] = p, r
+        per_query[f"f1@{k}"] = metrics.f1_score(p, r)
+    out.update({m: float(v.mean()) for m, v in per_query.items()})
     out[f"found_in_top{kmax}_by_kind"] = {kind: float(found_by_kind[:, i].mean()) for i, kind in enumerate(kinds)}
-    if self_cos.min() < 0.98:
+    if self_cos is not None and self_cos.min() < 0.98:
         log.warning("re-embedding the originals gives cosine %.3f (min) to their stored features: "
                     "features_meta.json may not describe how features.npy was made", self_cos.min())
-    return out
+    return out, per_query

@@ -10,6 +10,9 @@ from typing import Any
 from .copies import COPY_KS
 from .retrieval import RETRIEVAL_KS
 
+#: Ends a summary-table row holding a metric not distinguishable from chance (legend under the table).
+CHANCE_MARK = "  ~ chance"
+
 
 @dataclass
 class Evaluation:
@@ -38,35 +41,57 @@ def read_report(path: str | Path) -> dict:
     return report
 
 
-def save_figures(ev: Evaluation, figures_dir: Path, show: bool = False) -> list[Path]:
-    """The histogram of neighbour vs random-pair similarity and the metric bars, each naming the
-    neighbour table it was computed from."""
+def figure_paths(prefix: str | Path) -> dict[str, Path]:
+    """The two plots of one report: ``<prefix>similarity_hist.png`` and ``<prefix>retrieval.png``
+    (``prefix`` = a folder plus the start of a file name, e.g. ``runs/a_`` or ``figures/eval_``)."""
+    prefix = Path(prefix)
+    return {"hist": prefix.parent / f"{prefix.name}similarity_hist.png",
+            "bars": prefix.parent / f"{prefix.name}retrieval.png"}
+
+
+def _bar_groups(rep: dict) -> tuple[dict, dict, dict]:
+    """(values, 95% intervals, chance levels) per bar group and metric, for ``figures.metric_bars``."""
+    groups: dict[str, dict[str, float]] = {}
+    cis: dict[str, dict[str, tuple]] = {}
+    chance: dict[str, dict[str, float]] = {}
+    sections = (("retrieval", RETRIEVAL_KS, (("precision", "precision"), ("recall", "recall"), ("mAP", "mAP")),
+                 rep["retrieval"].get("label_column")),
+                ("copies", COPY_KS, (("precision", "precision"), ("recall", "recall"), ("F1", "f1")), "copies"))
+    for name, ks, metric_keys, label in sections:
+        sec = rep.get(name, {})
+        for k in ks:
+            if f"precision@{k}" not in sec:
+                continue
+            group = f"{label} @{k}"
+            groups[group] = {m: sec[f"{key}@{k}"] for m, key in metric_keys}
+            cis[group] = {m: tuple(sec["ci95"][f"{key}@{k}"]) for m, key in metric_keys
+                          if f"{key}@{k}" in sec.get("ci95", {})}
+            chance[group] = {m: sec["chance"][f"{key}@{k}"] for m, key in metric_keys
+                             if f"{key}@{k}" in sec.get("chance", {})}
+    return groups, cis, chance
+
+
+def save_figures(ev: Evaluation, prefix: str | Path, show: bool = False) -> list[Path]:
+    """The histogram of neighbour vs random-pair similarity and the metric bars (with their 95%
+    intervals and chance levels), each naming the neighbour table it was computed from; written
+    to :func:`figure_paths` of ``prefix``."""
     from .. import figures
 
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    where = figure_paths(prefix)
+    where["hist"].parent.mkdir(parents=True, exist_ok=True)
     rep = ev.report
     sim = rep["similarity"]
     out = [figures.similarity_histogram(
-        ev.distributions, figures_dir / "eval_similarity_hist.png",
+        ev.distributions, where["hist"],
         title=(f"intra {sim['intra']:.3f} vs inter {sim['inter']:.3f}  |  AUC {sim['separation']['auc']:.3f}, "
                f"d' {sim['separation']['d_prime']:.2f}  ({rep['n_images']:,} images)\n"
                f"neighbours: {rep['neighbours_from']}"), show=show)]
-    groups: dict[str, dict[str, float]] = {}
-    ret = rep["retrieval"]
-    for k in RETRIEVAL_KS:
-        if f"precision@{k}" in ret:
-            groups[f"{ret['label_column']} @{k}"] = {"precision": ret[f"precision@{k}"],
-                                                      "recall": ret[f"recall@{k}"], "mAP": ret[f"mAP@{k}"]}
-    cop = rep.get("copies", {})
-    for k in COPY_KS:
-        if f"precision@{k}" in cop:
-            groups[f"copies @{k}"] = {"precision": cop[f"precision@{k}"], "recall": cop[f"recall@{k}"],
-                                      "F1": cop[f"f1@{k}"]}
+    groups, cis, chance = _bar_groups(rep)
     if groups:
-        out.append(figures.metric_bars(groups, figures_dir / "eval_retrieval.png",
+        out.append(figures.metric_bars(groups, where["bars"],
                                        title="retrieval against metadata and recovery of perturbed copies\n"
                                              f"neighbours: {rep['neighbours_from']}",
-                                       show=show))
+                                       intervals=cis, chance=chance, show=show))
     ev.figures = out
     return out
 
@@ -106,20 +131,22 @@ def summary_table(report: dict) -> str:
     title = f"same {ret.get('label_column')}"
     if "precision@1" in ret:
         ks = [kk for kk in RETRIEVAL_KS if f"precision@{kk}" in ret]
-        head = " / ".join(f"@{kk}" for kk in ks)
         rows.append((title, "queries with >= 1 other member", f"{ret['n_queries']:,} of {ret['n_images']:,}"))
+        if "placeholder_excluded" in ret:
+            vals = ", ".join(f"{v} x{c}" for v, c in ret.get("placeholder_values", {}).items())
+            rows.append(("", "placeholder labels left out (unknown)",
+                         f"{ret['placeholder_excluded']:,}" + (f" ({_short(vals)})" if vals else "")))
         for m in ("precision", "recall", "mAP"):
-            rows.append(("", f"{m} {head}", " / ".join(_fmt(ret[f'{m}@{kk}']) for kk in ks)))
-        rows.append(("", "random ranking precision", _fmt(ret["random_precision"])))
+            rows.extend(_metric_rows(ret, m, m, ks))
     else:
         rows.append((title, "retrieval", ret.get("status", "-")))
     cop = report.get("copies", {})
     if "precision@1" in cop:
-        head = " / ".join(f"@{kk}" for kk in COPY_KS)
-        rows.append(("perturbed copies", f"{cop['n_originals']} originals x {cop['copies_per_original']} copies",
-                     f"among {cop['searched_among']:,}"))
+        seeds = cop.get("seeds", [])
+        rows.append(("perturbed copies", f"{cop['n_originals']} originals x {cop['copies_per_original']} copies"
+                     + (f" (seed {seeds[0]})" if seeds else ""), f"among {cop['searched_among']:,}"))
         for m, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1")):
-            rows.append(("", f"{m} {head}", " / ".join(_fmt(cop[f'{key}@{kk}']) for kk in COPY_KS)))
+            rows.extend(_metric_rows(cop, m, key, COPY_KS))
         by_kind = cop.get(f"found_in_top{max(COPY_KS)}_by_kind", {})
         if by_kind:
             rows.append(("", f"found in top {max(COPY_KS)}: " + " / ".join(by_kind),
@@ -139,4 +166,43 @@ def summary_table(report: dict) -> str:
     lines.append(f"{'section':<{w0}}  {'metric':<{w1}}  value")
     lines.append(f"{'-' * w0}  {'-' * w1}  {'-' * 24}")
     lines.extend(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+    if any(c.endswith(CHANCE_MARK) for _, _, c in rows):
+        lines.append(f"\n{CHANCE_MARK.strip()}: the 95% interval contains the chance level (what a random ranking "
+                     "scores): not distinguishable from random")
     return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    """A metric, chance level or bound: 3 decimals, or 2 significant digits below 0.01 (the chance
+    levels of a large collection) so that it does not print as 0.000."""
+    if isinstance(v, float) and 1e-6 <= abs(v) < 0.01:
+        import numpy as np
+
+        return np.format_float_positional(v, precision=2, fractional=False, trim="-")
+    return _fmt(v)
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _metric_rows(sec: dict, label: str, key: str, ks) -> list[tuple[str, str, str]]:
+    """A metric at each k, then its 95% intervals, chance levels and spread over seeds (copies);
+    a value whose interval contains its chance level is marked with ``~``."""
+    head = " / ".join(f"@{kk}" for kk in ks)
+    names = [f"{key}@{kk}" for kk in ks]
+    flagged = set(sec.get("indistinguishable_from_chance", []))
+    values = " / ".join(_num(sec[n]) + ("~" if n in flagged else "") for n in names)
+    rows = [("", f"{label} {head}", values + (CHANCE_MARK if flagged & set(names) else ""))]
+    if all(n in sec.get("ci95", {}) for n in names):
+        rows.append(("", "  95% interval (bootstrap)",
+                     " / ".join(f"[{_num(sec['ci95'][n][0])}, {_num(sec['ci95'][n][1])}]" for n in names)))
+    if all(n in sec.get("chance", {}) for n in names):
+        rows.append(("", "  chance (random ranking)", " / ".join(_num(sec["chance"][n]) for n in names)))
+    spread = sec.get("spread", {})
+    if len(sec.get("seeds", [])) > 1 and all(n in spread for n in names):
+        seeds = sec["seeds"]
+        rows.append(("", f"  {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}): mean ± sd [min, max]",
+                     " / ".join(f"{_num(spread[n]['mean'])} ± {_fmt(spread[n]['std'])} "
+                                f"[{_num(spread[n]['min'])}, {_num(spread[n]['max'])}]" for n in names)))
+    return rows

@@ -6,6 +6,7 @@ their samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -13,29 +14,41 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import knn, neighbours
+from .. import neighbours
 from ..embeddings import Embeddings
+from ..errors import UserError
 from .copies import COPY_KINDS, copies_section
 from .pixels import pixel_section
 from .report import Evaluation
-from .retrieval import load_labels, retrieval_section
+from .retrieval import LabelsUnavailable, load_labels, parse_placeholders, retrieval_section
 from .similarity import similarity_section
 
 log = logging.getLogger(__name__)
 
 
+#: What a field left at None means. None = not asked for: a section that cannot run is then a
+#: "skipped" line, while a section the user asked for (a value given) that cannot run is an error.
+DEFAULTS = {"label_column": "attribution", "labels_on": "objectid", "copy_sample": 50, "copy_seeds": 3,
+            "pixel_sample": 100}
+
+
 @dataclass
 class EvalConfig:
-    """Every knob of the evaluation; field names are the flags' (docs/evaluation.md defines them)."""
+    """Every knob of the evaluation; field names are the flags' (docs/evaluation.md defines them).
+    Fields of :data:`DEFAULTS` are None unless the user chose them."""
 
     k: int = 10
     pairs: int = 100_000
     seed: int = 0
-    label_column: str = "attribution"
+    label_column: str | None = None
     labels_csv: str | None = None
-    copy_sample: int = 50
+    labels_on: str | None = None
+    placeholder_labels: str | None = None  # comma-separated; None = retrieval.PLACEHOLDER_LABELS
+    n_boot: int = 1000
+    copy_sample: int | None = None
+    copy_seeds: int | None = None
     copy_kinds: Sequence[str] = COPY_KINDS
-    pixel_sample: int = 100
+    pixel_sample: int | None = None
     pixel_size: int = 128
     h5_max_rows: int = 8192
     device: str = "auto"  # auto|cpu|cuda, resolved only where a model or a search runs
@@ -46,26 +59,44 @@ class EvalConfig:
     progress: bool = True
 
 
-def collection_neighbors(emb: Embeddings, k: int, device: str = "auto",
-                         progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Top-k neighbour rows of every painting: from the neighbour table the lookup finds, else
-    computed. Returns (index int64 [N, k], the table's stored scores or None, where they came from).
-    """
-    n = len(emb)
-    k = knn.validate_k(k, n)
-    table = neighbours.find_table(emb.paths, k, n, emb.sha256)
-    if table is not None:
-        return (table.index[:, :k].astype(np.int64), table.score[:, :k].astype(np.float32),
-                table.describe())
-    log.info("no usable neighbour table in %s: computing the top-%d neighbours from %s", emb.paths.root, k,
-             emb.paths.features)
-    index, score = knn.top_k_neighbors(emb.features, k, device=device, exclude_self=True, progress=progress)
-    return np.asarray(index, dtype=np.int64), np.asarray(score, dtype=np.float32), "computed from features.npy"
+def resolve(cfg: EvalConfig) -> tuple[EvalConfig, frozenset[str]]:
+    """(the config with every None of :data:`DEFAULTS` filled in, the fields the user chose)."""
+    asked = frozenset(f for f in DEFAULTS if getattr(cfg, f) is not None)
+    if "labels_on" in asked and not cfg.labels_csv:
+        raise UserError(f"--labels-on {cfg.labels_on}: only joins a --labels-csv; give one, or drop --labels-on")
+    return dataclasses.replace(cfg, **{f: DEFAULTS[f] for f in DEFAULTS if f not in asked}), asked
+
+
+def _labels(emb: Embeddings, cfg: EvalConfig, asked: bool) -> tuple[np.ndarray, list[str], dict] | dict:
+    """Label codes for retrieval, read before any long pass so that a retrieval the user asked for
+    and that cannot run stops at once; returns a "skipped" section when it was not asked for."""
+    flag = f"--labels-csv {cfg.labels_csv}" if cfg.labels_csv else f"--label-column {cfg.label_column}"
+    try:
+        codes, label_names, info = load_labels(emb.paths, emb.names, cfg.label_column, cfg.labels_csv,
+                                               cfg.labels_on, parse_placeholders(cfg.placeholder_labels))
+    except LabelsUnavailable as exc:
+        if asked:
+            hint = "" if cfg.labels_csv else "; --labels-csv CSV --labels-on name labels images by file name"
+            raise UserError(f"{flag}: retrieval cannot run: {exc}{hint}") from None
+        return {"status": f"skipped: {exc}", "label_column": cfg.label_column}
+    if asked and not np.any(np.bincount(codes[codes >= 0], minlength=1) >= 2):
+        matched = (f"; {info['labels_csv_matched']} of {info['labels_csv_rows']} CSV rows matched an image on "
+                   f"{cfg.labels_on}" if cfg.labels_csv else "")
+        raise UserError(f"{flag}: retrieval cannot run: no {cfg.label_column!r} label has two or more of the "
+                        f"{len(emb):,} images ({info['unlabelled']} empty, {info['placeholder_excluded']} "
+                        f"placeholders left out{matched})")
+    return codes, label_names, info
 
 
 def evaluate(data_dir: str, cfg: EvalConfig) -> Evaluation:
-    """Run every section on one data directory and return the report (nothing written)."""
+    """Run every section on one data directory and return the report (nothing written).
+
+    A section the config asks for explicitly (see :data:`DEFAULTS`) and that cannot run raises
+    ``UserError``; left at its defaults it reports ``status: skipped: <why>``.
+    """
+    cfg, asked = resolve(cfg)
     emb = Embeddings.load(data_dir)
+    labels = _labels(emb, cfg, "label_column" in asked or bool(cfg.labels_csv))
     t0 = time.perf_counter()
     meta = emb.meta
     report: dict[str, Any] = {
@@ -75,21 +106,27 @@ def evaluate(data_dir: str, cfg: EvalConfig) -> Evaluation:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
                    if k not in ("progress",)},
     }
-    index, table_scores, source = collection_neighbors(emb, cfg.k, cfg.device, cfg.progress)
+    report["config"]["asked"] = sorted(asked)
+    index, table_scores, source = neighbours.neighbours_of_all(emb, cfg.k, cfg.device, cfg.progress)
     report["neighbours_from"] = source
     sim, dists = similarity_section(emb, index, table_scores, cfg)
     report["similarity"] = sim
-    if emb.paths.manifest.exists():
-        codes, label_names, label_info = load_labels(emb.paths, emb.names, cfg.label_column, cfg.labels_csv)
-        retrieval = retrieval_section(index, codes, label_names)
-        retrieval.update(label_info, label_column=cfg.label_column)
+    if isinstance(labels, dict):
+        report["retrieval"] = labels
     else:
-        retrieval = {"status": f"skipped: {emb.paths.manifest.name} not present (labels come from it)",
-                     "label_column": cfg.label_column}
-    report["retrieval"] = retrieval
+        codes, label_names, info = labels
+        report["retrieval"] = retrieval_section(index, codes, label_names, n_boot=cfg.n_boot, seed=cfg.seed)
+        report["retrieval"].update(info, label_column=cfg.label_column)
     report["copies"] = ({"status": "skipped (--skip-copies)"} if cfg.skip_copies
                         else copies_section(emb, cfg))
+    if {"copy_sample", "copy_seeds"} & asked and not cfg.skip_copies and "status" in report["copies"]:
+        flag = (f"--copy-sample {cfg.copy_sample}" if "copy_sample" in asked else f"--copy-seeds {cfg.copy_seeds}")
+        raise UserError(f"{flag}: the perturbed-copy section cannot run: "
+                        f"{report['copies']['status'].removeprefix('skipped: ')}")
     report["pixels"] = ({"status": "skipped (--skip-pixels)"} if cfg.skip_pixels
                         else pixel_section(emb, index, dists[f"top-{index.shape[1]} neighbours"], cfg))
+    if "pixel_sample" in asked and report["pixels"].get("ssim_neighbours") is None and not cfg.skip_pixels:
+        raise UserError(f"--pixel-sample {cfg.pixel_sample}: the pixel baselines cannot run: no sampled pair of "
+                        f"images could be read from {emb.images_dir}")
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return Evaluation(report=report, distributions=dists)
