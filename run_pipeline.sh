@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every stage of paintsim in order; each stage skips work already done.
+# Run every stage of paintsim in order (the explorer web site last); each stage skips work already done.
 #
 #   bash run_pipeline.sh --sample       # offline, on the embedded sample (data/sample), MobileNetV2
 #   bash run_pipeline.sh                # the real NGA collection over HTTP, ResNet50
@@ -87,27 +87,27 @@ up_to_date() {
 
 SOURCE_ARGS=()   # where stages 2-3 find the images: the manifest, or a folder without one
 if [[ $MODE == sample ]]; then
-  stage "1/8 download (from data/sample, offline)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
+  stage "1/9 download (from data/sample, offline)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
       --csv-dir data/sample --images-from data/sample/images
   BACKBONE=${BACKBONE:-mobilenet_v2}
 elif [[ -n "$URLS" ]]; then
-  stage "1/8 download (your URLs)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" --urls "$URLS" \
+  stage "1/9 download (your URLs)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" --urls "$URLS" \
       "${OWN_ARGS[@]}"
   BACKBONE=${BACKBONE:-resnet50}
 elif [[ -n "$METADATA" ]]; then
-  stage "1/8 collect (your images and metadata)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
+  stage "1/9 collect (your images and metadata)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}" \
       --images-from "$IMAGES" --metadata "$METADATA" "${OWN_ARGS[@]}"
   BACKBONE=${BACKBONE:-resnet50}
 elif [[ -n "$IMAGES" ]]; then
-  echo; echo "=== 1/8 download === skipped: the images of $IMAGES are embedded where they are (no --metadata)"
+  echo; echo "=== 1/9 download === skipped: the images of $IMAGES are embedded where they are (no --metadata)"
   SOURCE_ARGS=(--images-dir "$IMAGES")
   BACKBONE=${BACKBONE:-resnet50}
 else
-  stage "1/8 download (NGA IIIF)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}"
+  stage "1/9 download (NGA IIIF)" download_images.py "${COMMON[@]}" "${LIMIT_ARGS[@]}"
   BACKBONE=${BACKBONE:-resnet50}
 fi
-stage "2/8 inspect" inspect_images.py "${COMMON[@]}" "${SOURCE_ARGS[@]}"
-stage "3/8 features ($BACKBONE)" extract_features.py "${COMMON[@]}" "${SOURCE_ARGS[@]}" --backbone "$BACKBONE" \
+stage "2/9 inspect" inspect_images.py "${COMMON[@]}" "${SOURCE_ARGS[@]}"
+stage "3/9 features ($BACKBONE)" extract_features.py "${COMMON[@]}" "${SOURCE_ARGS[@]}" --backbone "$BACKBONE" \
     --device "$DEVICE"
 
 F="$DATA_DIR/features.npy"
@@ -116,27 +116,30 @@ TOP="$DATA_DIR/top_10_similar.npy"
 TOP_MATRIX="$DATA_DIR/top_10_from_matrix.npy"
 COMPARE=()
 if [[ $MATRIX == 1 ]]; then
-  if up_to_date "$H5" "$F"; then skip "4/8 full matrix"; else
-    stage "4/8 full matrix" compute_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
-  if up_to_date "$TOP_MATRIX" "$H5"; then skip "5/8 top-10 from the matrix"; else
-    stage "5/8 top-10 from the matrix" extract_top_10.py "${COMMON[@]}"; fi
+  if up_to_date "$H5" "$F"; then skip "4/9 full matrix"; else
+    stage "4/9 full matrix" compute_similarity.py "${COMMON[@]}" --device "$DEVICE"; fi
+  if up_to_date "$TOP_MATRIX" "$H5"; then skip "5/9 top-10 from the matrix"; else
+    stage "5/9 top-10 from the matrix" extract_top_10.py "${COMMON[@]}"; fi
   COMPARE=(--compare-with "$TOP_MATRIX")   # the two routes must give the same neighbours
 else
-  echo; echo "=== 4/8, 5/8 full matrix === skipped (--no-matrix)"
+  echo; echo "=== 4/9, 5/9 full matrix === skipped (--no-matrix)"
 fi
-if up_to_date "$TOP" "$F"; then skip "6/8 top-10 streamed"; else
-  stage "6/8 top-10 streamed" optimized_similarity.py "${COMMON[@]}" --device "$DEVICE" "${COMPARE[@]}"; fi
+if up_to_date "$TOP" "$F"; then skip "6/9 top-10 streamed"; else
+  stage "6/9 top-10 streamed" optimized_similarity.py "${COMMON[@]}" --device "$DEVICE" "${COMPARE[@]}"; fi
 
-stage "7/8 display" display_similar.py "${COMMON[@]}" --query "${QUERY:-0}" --device "$DEVICE"
+stage "7/9 display" display_similar.py "${COMMON[@]}" --query "${QUERY:-0}" --device "$DEVICE"
 EVAL="$DATA_DIR/evaluation.json"
 if up_to_date "$EVAL" "$F" "$TOP"; then
-  skip "8/8 evaluate"
+  skip "8/9 evaluate"
   "$PY" evaluate_unsupervised.py "${COMMON[@]}" --print-report
 else
-  stage "8/8 evaluate" evaluate_unsupervised.py "${COMMON[@]}" --device "$DEVICE"
+  stage "8/9 evaluate" evaluate_unsupervised.py "${COMMON[@]}" --device "$DEVICE"
 fi
+
+stage "9/9 explorer" explore_collection.py "${COMMON[@]}" --device "$DEVICE"
 
 echo
 echo "done: artifacts in $DATA_DIR/"
 echo "  figures: $DATA_DIR/figures/ (neighbours: similar_*.png, evaluation: eval_*.png, contact sheet)"
 echo "  report:  $EVAL"
+echo "  explorer: open $DATA_DIR/site/index.html in a browser (no server needed)"

@@ -98,7 +98,21 @@ class DataPaths:
         """The neighbour table read from the full matrix (extract_top_10.py)."""
         return self.root / f"top_{k}_from_matrix.npy"
 
+    @property
+    def map_2d(self) -> Path:
+        """The 2-D map of the collection (paintsim.mapping), float32 [N, 2]."""
+        return self.root / "map_2d.npy"
+
+    @property
+    def map_meta(self) -> Path:
+        """The map's side record: method, parameters, features checksum, trustworthiness."""
+        return self.root / "map_2d.json"
+
     # stage 8: evaluation
+    @property
+    def site_dir(self) -> Path:
+        return self.root / "site"
+
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation.json"

@@ -33,8 +33,8 @@ def demo(tmp_path_factory, mobilenet_weights):
 
 def test_demo_pipeline_runs_every_stage_end_to_end(demo):
     data, proc = demo
-    for n in range(1, 9):
-        assert f"=== {n}/8 " in proc.stdout
+    for n in range(1, 10):
+        assert f"=== {n}/9 " in proc.stdout
     names = np.load(data / "image_names.npy")
     feats = np.load(data / "features.npy")
     assert len(names) == LIMIT and feats.shape == (LIMIT, 1280)
@@ -47,7 +47,9 @@ def test_demo_pipeline_runs_every_stage_end_to_end(demo):
     assert {"eval_similarity_hist.png", "eval_retrieval.png"} <= set(figs)
     img = np.asarray(Image.open(next((data / "figures").glob("similar_row0_*.png"))).convert("L"))
     assert img.shape == (275 * 2 + 70, 1200) and img.std() > 10  # a three-line heading
-    assert proc.stdout.rstrip().endswith(f"report:  {data}/evaluation.json")
+    assert f"report:  {data}/evaluation.json" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"explorer: open {data}/site/index.html in a browser (no server needed)")
+    assert (data / "site" / "evaluation.html").is_file() and (data / "map_2d.npy").is_file()
     assert f"figures: {data}/figures/" in proc.stdout
 
 
@@ -70,7 +72,7 @@ def test_rerun_skips_finished_stages(demo):
     before = {f: (data / f).stat().st_mtime_ns for f in watched}
     proc = run_pipeline(data, "--sample")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage in ("4/8", "5/8", "6/8", "8/8"):
+    for stage in ("4/9", "5/9", "6/9", "8/9"):
         assert f"=== {stage} " in proc.stdout and proc.stdout.count("up to date, skipped") >= 4
     assert {f: (data / f).stat().st_mtime_ns for f in watched} == before
     assert "intra: mean sim." in proc.stdout  # the summary table is printed again from the report
