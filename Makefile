@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	# MTCNN (faces): its wheel ships the detector weights; its pins (torch<2.3, numpy<2) are stale
+	$(PY) -m pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 $(VENV)/.weights: $(VENV)/.installed
@@ -30,7 +32,7 @@ setup-weights: $(VENV)/.weights
 	$(PY) tools/install_offline_weights.py
 
 demo: setup-weights
-	PYTHON=$(PY) DATA_DIR=$(DATA_DIR) bash run_pipeline.sh --sample
+	PYTHON=$(PY) DATA_DIR=$(DATA_DIR) bash run_pipeline.sh --sample --faces
 
 collection: setup
 	@test -n "$(IMAGES)$(URLS)" || { echo "make collection: set IMAGES=DIR [METADATA=CSV] or URLS=CSV"; exit 2; }

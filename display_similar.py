@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, output_file, run_main
 
 log = logging.getLogger("paintsim.display")
@@ -37,6 +39,10 @@ def build_parser():
     q.add_argument("--all", action="store_true",
                    help="every painting: write its neighbours, with titles and artists, to one CSV "
                         "(default <data-dir>/neighbours.csv)")
+    p.add_argument("--faces", action="store_true",
+                   help="--query/--random: show the painting's face (--face) beside its nearest faces in "
+                        "other paintings (run extract_faces.py first)")
+    p.add_argument("--face", type=int_range(0), default=0, help="--faces: which face of the painting (0: the first)")
     p.add_argument("--figures", action="store_true",
                    help="--all only: also draw one figure per painting under <data-dir>/figures/")
     p.add_argument("--seed", type=int_range(0), default=0, help="random seed for --random")
@@ -148,7 +154,68 @@ def main(args) -> int:
              "image_" + query.safe_tag(Path(stem).stem or "url"), args, level, args.output, False)
         return 0
     row = query.random_query(coll, args.seed) if args.random else query.resolve_query(args.query, coll)
+    if args.faces:
+        return show_faces(coll, row, args)
     show_row(coll, row, args, level, args.output)
+    return 0
+
+
+def show_faces(coll, row: int, args) -> int:
+    """A painting's face beside the nearest faces of other paintings, each captioned with its
+    painting's title and artist: the PNG and its CSV."""
+    from paintsim import figures, query
+    from paintsim.artifacts import write_csv_for_people
+    from paintsim.embeddings import Embeddings
+    from paintsim.errors import UserError
+    from paintsim.faces import crop_face, faces_csv, read_faces_csv
+    from paintsim.images import ImageDecodeError, load_rgb
+
+    if args.image or args.all:
+        raise UserError("--faces goes with --query or --random")
+    faces = Embeddings.load(args.data_dir, kind="faces")
+    boxes = read_faces_csv(faces_csv(faces.paths))
+    name = str(coll.names[row])
+    info = coll.info(row)
+    found = boxes.get(name, [])
+    if not found:
+        raise UserError(f"no face was found in {query.describe(info)} (row {row}); paintings with faces are "
+                        f"listed in {faces_csv(faces.paths)}")
+    if args.face >= len(found):
+        raise UserError(f"--face {args.face}: {query.describe(info)} has {len(found)} face(s), 0..{len(found) - 1}")
+    face_row = int(np.flatnonzero(faces.names == f"{name}#{args.face}")[0])
+    rows, scores, where = query.face_neighbours(coll, faces, face_row, args.k, device=args.device)
+
+    def crop(face_name: str):
+        image, i = face_name.rsplit("#", 1)
+        try:
+            face = crop_face(load_rgb(coll.emb.images_dir / image), boxes[image][int(i)], margin=0.3)
+            return face.resize((args.thumb_size, args.thumb_size))  # small faces drawn at the tile's size
+        except (ImageDecodeError, KeyError, IndexError) as exc:
+            log.warning("face %s unreadable: %s", face_name, exc)
+            return None
+
+    images, caps, listed = [], [], []
+    for rank, (r, s) in enumerate(zip(rows, scores), 1):
+        fname = str(faces.names[int(r)])
+        prow = query.painting_row_of(coll, fname.rsplit("#", 1)[0])
+        pinfo = coll.info(prow) if prow is not None else {"title": fname, "attribution": "", "displaydate": "",
+                                                          "key": "", "name": fname}
+        images.append(crop(fname))
+        caps.append(caption(pinfo, float(s)))
+        listed.append({"rank": rank, "score": round(float(s), 4), "face": fname, "row": prow, "key": pinfo["key"],
+                       "title": pinfo["title"], "attribution": pinfo["attribution"]})
+    tag = f"face_row{row}_{args.face}_{query.safe_tag(Path(name).stem)}"
+    out = Path(args.output) if args.output else coll.paths.figures_dir / f"similar_{tag}.png"
+    title = (f"{len(rows)} nearest faces in other paintings to face {args.face} of {query.describe(info)}\n"
+             f"neighbours from {where}; score = cosine similarity of the face crops' embeddings")
+    figures.neighbor_grid(crop(f"{name}#{args.face}"), caption(info, prefix="QUERY FACE: "), images, caps, out,
+                          columns=args.columns, thumb_size=args.thumb_size, title=title, show=args.show)
+    columns = ["rank", "score", "face", "row", "key", "title", "attribution"]
+    write_csv_for_people(out.with_suffix(".csv"), columns, ([i[c] for c in columns] for i in listed))
+    print(f"query: face {args.face} of {query.describe(info)}")
+    for i in listed:
+        print(f"  {i['rank']:2d}. {i['score']:.3f}  {i['title']} - {i['attribution'] or '?'}  [{i['face']}]")
+    print(f"neighbours from {where}; figure: {out}")
     return 0
 
 

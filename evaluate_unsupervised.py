@@ -76,6 +76,8 @@ def build_parser():
                    help="rows of similarity_scores.h5 read at most to check the random pairs against it")
     p.add_argument("--skip-copies", action="store_true", help="skip the perturbed-copy section (needs the model)")
     p.add_argument("--skip-pixels", action="store_true", help="skip the SSIM/RMSE baselines")
+    p.add_argument("--skip-faces", action="store_true",
+                   help="skip the faces section (it runs when extract_faces.py has written face_features.npy)")
     add_device_arg(p)
     p.add_argument("--batch-size", type=int_range(1, 1024), default=32, help="images per forward pass when embedding copies")
     p.add_argument("--weights", default=None,

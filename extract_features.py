@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$TORCH_HOME/hub/checkpoints), another weights name of that backbone (e.g. "
                         "IMAGENET1K_V1), a local state-dict file (loaded with weights_only=True, keys "
                         "matched strictly), or 'none' (random weights: tests only)")
+    p.add_argument("--crop", choices=("none", "faces"), default="none",
+                   help="faces: embed each painting cropped to the box around its faces (faces.csv of "
+                        "extract_faces.py), the whole painting when it has none")
     p.add_argument("--no-crop", action="store_true",
                    help="embed the whole painting letterboxed to the model's square input instead of "
                         "the weights' resize + centre crop")

@@ -12,6 +12,8 @@ Writes <data-dir>/top_{k}_similar.npy (or --output) and its side record top_{k}_
 (rows of image_names.npy) and `score` float32 [k]. --compare-with TABLE says how far another
 route's table (the matrix route's top_{k}_from_matrix.npy) agrees with this one.
 Memory: the features plus one tile (--memory-budget or --block-size).
+--faces (or --poses) does the same for the faces of extract_faces.py (the poses of
+extract_poses.py): every face's nearest faces in other paintings, top_{k}_faces.npy.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = symmetric: each pair computed once (upper-triangle tiles); dense: "
                         "every row block against all rows (twice the flops; the plain reference). "
                         "Both are exact in float32")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--faces", action="store_true",
+                      help="neighbours of every face among the faces of other paintings (top_{k}_faces.npy)")
+    kind.add_argument("--poses", action="store_true",
+                      help="neighbours of every pose among the poses of other paintings (top_{k}_poses.npy)")
     p.add_argument("--compare-with", default=None, metavar="TABLE",
                    help="another route's neighbour table (e.g. <data-dir>/top_10_from_matrix.npy): "
                         "print how far it agrees with this one")
@@ -49,21 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from paintsim.devices import resolve_device
     from paintsim.embeddings import Embeddings
-    from paintsim.knn import top_k_neighbors
+    from paintsim.knn import top_k_neighbors, top_k_other_groups
     from paintsim.matrix import SCORE_TOLERANCE
     from paintsim.neighbours import compare_tables, load_table, save_table
 
-    emb = Embeddings.load(args.data_dir, mmap=False)
+    kind = "faces" if args.faces else "poses" if args.poses else "paintings"
+    emb = Embeddings.load(args.data_dir, mmap=False, kind=kind)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    index, score = top_k_neighbors(emb.features, args.k, device=device, block_size=args.block_size,
-                                   progress=not args.no_progress, method=args.method,
-                                   memory_budget=args.memory_budget)
+    opts = dict(device=device, block_size=args.block_size, progress=not args.no_progress, method=args.method,
+                memory_budget=args.memory_budget)
+    if kind == "paintings":
+        index, score = top_k_neighbors(emb.features, args.k, **opts)
+    else:  # a face's neighbours are faces of other paintings
+        groups = [emb.image_name(i) for i in range(len(emb))]
+        index, score = top_k_other_groups(emb.features, groups, args.k, **opts)
     seconds = time.perf_counter() - t0
     out = Path(args.output) if args.output else emb.paths.neighbors(args.k)
     save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method)
     n = len(index)
-    print(f"top-{args.k} neighbours of {n} paintings ({emb.dim}-d) -> {out} in "
+    print(f"top-{args.k} neighbours of {n} {kind} ({emb.dim}-d) -> {out} in "
           f"{seconds:.1f} s on {device} ({n / max(seconds, 1e-9):.0f} rows/s)")
     if args.compare_with:
         other = load_table(args.compare_with, n)

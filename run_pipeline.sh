@@ -15,6 +15,7 @@
 #   --no-matrix   skip stages 4-5 (the full N x N matrix: ~30 GB in float16 for all of NGA);
 #                 the neighbour table then comes from the streaming stage 6 alone
 #   --force       rerun stages 4-8 even when their outputs are newer than their inputs
+#   --faces       also find and embed the faces (extract_faces.py); the explorer shows them
 # Environment:
 #   PYTHON (default python3), DATA_DIR (default data), DEVICE (auto), BACKBONE (mobilenet_v2 with
 #   --sample, else resnet50), LIMIT (only the first N >= 11 paintings: download_images.py --limit),
@@ -26,7 +27,7 @@ set -euo pipefail
 HERE=$PWD
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$HERE/$1"; fi; }  # paths as the user typed them
 
 PY=${PYTHON:-python3}
@@ -35,6 +36,7 @@ DEVICE=${DEVICE:-auto}
 MODE=full
 MATRIX=1
 FORCE=0
+FACES=0
 IMAGES=""
 METADATA=""
 URLS=""
@@ -45,6 +47,7 @@ while (( $# )); do
     --sample) MODE=sample ;;
     --no-matrix) MATRIX=0 ;;
     --force) FORCE=1 ;;
+    --faces) FACES=1 ;;
     --images) need "$1" "${2:-}"; IMAGES=$(abspath "$2"); MODE=own; shift ;;
     --metadata) need "$1" "${2:-}"; METADATA=$(abspath "$2"); shift ;;
     --urls) need "$1" "${2:-}"; URLS=$(abspath "$2"); MODE=own; shift ;;
@@ -109,6 +112,9 @@ fi
 stage "2/9 inspect" inspect_images.py "${COMMON[@]}" "${SOURCE_ARGS[@]}"
 stage "3/9 features ($BACKBONE)" extract_features.py "${COMMON[@]}" "${SOURCE_ARGS[@]}" --backbone "$BACKBONE" \
     --device "$DEVICE"
+if [[ $FACES == 1 ]]; then
+  stage "3b/9 faces (MTCNN)" extract_faces.py "${COMMON[@]}" "${SOURCE_ARGS[@]}" --device "$DEVICE"
+fi
 
 F="$DATA_DIR/features.npy"
 H5="$DATA_DIR/similarity_scores.h5"

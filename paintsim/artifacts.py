@@ -33,15 +33,35 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+#: The kinds of item a data dir embeds: whole paintings (stage 3), faces and poses (their own
+#: stages). Each has its own features, names, meta, errors, progress and neighbour tables:
+#: (features, names, meta, errors, progress dir, neighbour-table suffix).
+KINDS = {
+    "paintings": ("features.npy", "image_names.npy", "features_meta.json", "features_errors.csv",
+                  "features_progress", "similar"),
+    "faces": ("face_features.npy", "face_names.npy", "face_meta.json", "faces_errors.csv",
+              "faces_progress", "faces"),
+    "poses": ("pose_features.npy", "pose_names.npy", "pose_meta.json", "poses_errors.csv",
+              "poses_progress", "poses"),
+}
+
+
 @dataclass(frozen=True)
 class DataPaths:
-    """Every artifact path of one data directory."""
+    """Every artifact path of one data directory; ``kind`` picks whose features and neighbour
+    tables ``features``, ``image_names``, ``features_meta``, ``neighbors`` ... name."""
 
     root: Path
+    kind: str = "paintings"
 
     @classmethod
-    def of(cls, data_dir: str | os.PathLike[str]) -> "DataPaths":
-        return cls(Path(data_dir))
+    def of(cls, data_dir: str | os.PathLike[str], kind: str = "paintings") -> "DataPaths":
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        return cls(Path(data_dir), kind)
+
+    def of_kind(self, kind: str) -> "DataPaths":
+        return DataPaths.of(self.root, kind)
 
     # stage 1: download
     @property
@@ -67,23 +87,28 @@ class DataPaths:
     # stage 3: features
     @property
     def features(self) -> Path:
-        return self.root / "features.npy"
+        return self.root / KINDS[self.kind][0]
 
     @property
     def image_names(self) -> Path:
-        return self.root / "image_names.npy"
+        """The names of the rows of ``features`` (image file names; ``<image>#<i>`` for faces, poses)."""
+        return self.root / KINDS[self.kind][1]
 
     @property
     def features_meta(self) -> Path:
-        return self.root / "features_meta.json"
+        return self.root / KINDS[self.kind][2]
 
     @property
     def features_errors(self) -> Path:
-        return self.root / "features_errors.csv"
+        return self.root / KINDS[self.kind][3]
 
     @property
     def features_progress_dir(self) -> Path:
-        return self.root / "features_progress"
+        return self.root / KINDS[self.kind][4]
+
+    @property
+    def table_suffix(self) -> str:
+        return KINDS[self.kind][5]
 
     # stages 4-6: similarity
     @property
@@ -91,8 +116,9 @@ class DataPaths:
         return self.root / "similarity_scores.h5"
 
     def neighbors(self, k: int = 10) -> Path:
-        """The streamed neighbour table (optimized_similarity.py)."""
-        return self.root / f"top_{k}_similar.npy"
+        """The streamed neighbour table (optimized_similarity.py): ``top_{k}_similar.npy``, or
+        ``top_{k}_faces.npy`` / ``top_{k}_poses.npy``."""
+        return self.root / f"top_{k}_{self.table_suffix}.npy"
 
     def neighbors_from_matrix(self, k: int = 10) -> Path:
         """The neighbour table read from the full matrix (extract_top_10.py)."""

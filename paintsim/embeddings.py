@@ -105,9 +105,10 @@ class Embeddings:
 
     @classmethod
     def load(cls, data_dir: str | os.PathLike[str], *, mmap: bool = True,
-             require_meta: bool = False) -> "Embeddings":
-        """Load and validate the three files (the meta is optional unless ``require_meta``)."""
-        paths = DataPaths.of(data_dir)
+             require_meta: bool = False, kind: str = "paintings") -> "Embeddings":
+        """Load and validate the three files (the meta is optional unless ``require_meta``) of
+        whole paintings, or of ``kind`` faces or poses (``face_features.npy``, ...)."""
+        paths = DataPaths.of(data_dir, kind)
         features = load_npy(paths.features, mmap=mmap)
         names = load_npy(paths.image_names)
         meta: dict[str, Any] = {}
@@ -162,7 +163,12 @@ class Embeddings:
 
     def image_path(self, row: int) -> Path:
         """The image of a row: only the basename of its name is ever joined to the folder."""
-        return self.images_dir / Path(str(self.names[row])).name
+        return self.images_dir / Path(self.image_name(row)).name
+
+    def image_name(self, row: int) -> str:
+        """The image file a row belongs to: its name, or for a face or pose ``<image>#<i>`` the image."""
+        name = str(self.names[row])
+        return name if self.paths.kind == "paintings" else name.rsplit("#", 1)[0]
 
 
 def write_embeddings(paths: DataPaths, features: np.ndarray, names: list[str] | np.ndarray,

@@ -8,6 +8,7 @@ embeds the new images. The outputs are written by :func:`paintsim.embeddings.wri
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -90,9 +91,11 @@ def items_from_dir(images_dir: str | os.PathLike[str]) -> list[Item]:
 class ImageDataset:
     """Decode (bounded) and preprocess one item; failures come back as a reason, not an exception."""
 
-    def __init__(self, items: Sequence[Item], preprocessing: Preprocessing):
+    def __init__(self, items: Sequence[Item], preprocessing: Preprocessing, faces: dict | None = None,
+                 margin: float = 0.3):
         self.items = list(items)
         self.preprocessing = preprocessing
+        self.faces, self.margin = faces, margin   # --crop faces: each image's faces (faces.csv)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -107,7 +110,12 @@ class ImageDataset:
             data = read_file(item.path)
             if not data:
                 raise ImageDecodeError(f"{item.file}: empty file")
-            return i, self.preprocessing(decode_rgb(data, str(item.path))), ""
+            img = decode_rgb(data, str(item.path))
+            if self.faces is not None and self.faces.get(item.name):
+                from .faces import faces_box  # the box around all its faces; the whole painting without
+
+                img = img.crop(faces_box(self.faces[item.name], self.margin, img.size))
+            return i, self.preprocessing(img), ""
         except ImageDecodeError as exc:
             return i, None, str(exc).replace(str(item.path), item.file)
         except Exception as exc:  # noqa: BLE001 - one bad image never stops a run
@@ -237,6 +245,7 @@ class ExtractConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     seed: int = 0
     progress: bool = True
+    crop: str = "none"              # none | faces (the box around the faces of faces.csv)
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -292,6 +301,23 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
     emb = Embedder.create(cfg.backbone, cfg.weights, cfg.no_crop, device, cfg.precision, cfg.channels_last,
                           cfg.seed, batch_size, progress=cfg.progress)
     fingerprint = emb.fingerprint()
+    faces, crop_meta = None, {"mode": "none"}
+    if cfg.crop not in ("none", "faces"):
+        raise BadValue("crop", cfg.crop, "must be none or faces")
+    if cfg.crop == "faces":
+        from .faces import faces_csv, read_faces_csv
+
+        fpath = faces_csv(paths)
+        if not fpath.exists():
+            raise UserError(f"--crop faces needs {fpath}: run extract_faces.py first")
+        faces = read_faces_csv(fpath)
+        digest = hashlib.sha256(fpath.read_bytes()).hexdigest()
+        with_faces = sum(1 for it in items if faces.get(it.name))
+        crop_meta = {"mode": "faces", "margin": 0.3, "faces_csv_sha256": digest, "images_with_faces": with_faces,
+                     "whole_painting_fallbacks": len(items) - with_faces}
+        fingerprint = hashlib.sha256(f"{fingerprint}:faces:{digest}".encode()).hexdigest()[:16]
+        log.info("--crop faces: %d of %d images cropped to their faces, the others embedded whole",
+                 with_faces, len(items))
     store = ProgressStore(paths.features_progress_dir, fingerprint, emb.dim)
     store.load()
     todo = [it for it in items if not store.done(it)]
@@ -304,7 +330,7 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     embedded = 0
     if todo:
-        loader = DataLoader(ImageDataset(todo, emb.preprocessing), batch_size=batch_size, shuffle=False,
+        loader = DataLoader(ImageDataset(todo, emb.preprocessing, faces), batch_size=batch_size, shuffle=False,
                             num_workers=workers, collate_fn=collate, pin_memory=(device == "cuda"),
                             prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
         pend_f: list[tuple[Item, np.ndarray]] = []
@@ -356,7 +382,8 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
         meta = emb.meta
         meta.update({"errors": len(error_rows), "source": source, "fingerprint": fingerprint,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "meta_version": META_VERSION, "threads": threads, "workers": workers, **cfg.extra_meta})
+                     "meta_version": META_VERSION, "threads": threads, "workers": workers, "crop": crop_meta,
+                     **cfg.extra_meta})
         # the old outputs stay valid until the new ones are whole (checksums in the meta)
         write_embeddings(paths, np.stack(rows), names, meta)
         _write_errors_csv(paths.features_errors, error_rows)

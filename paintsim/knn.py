@@ -437,3 +437,25 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
 
 __all__ = ["validate_k", "check_block_size", "top_k_neighbors", "search", "select_top_k", "merge_top_k",
            "score_blocks", "auto_block_size", "METHODS"]
+
+
+def top_k_other_groups(features: np.ndarray, groups: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` neighbours of every row among the rows of *other* groups (a face's nearest
+    faces in other paintings): the kernel's top ``k + g - 1`` (g: the largest group), then the
+    rows of the same group dropped. Raises ``BadValue`` when some row has fewer than ``k`` rows
+    outside its group."""
+    from .errors import BadValue
+
+    groups = np.asarray(groups)
+    n = len(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    fewest_outside = int(n - counts.max()) if n else 0
+    if k < 1 or k > fewest_outside:
+        raise BadValue("k", k, f"must be between 1 and {fewest_outside} (rows outside the largest group)")
+    wide = min(n - 1, k + int(counts.max()) - 1)
+    index, score = top_k_neighbors(features, wide, exclude_self=True, **kwargs)
+    other = inverse[index] != inverse[:, None]
+    # the first k rows of another group, in their order (a stable sort puts them first)
+    order = np.argsort(~other, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(index, order, axis=1).astype(np.int32),
+            np.take_along_axis(score, order, axis=1).astype(np.float32))

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("index", "score")
 ROUTES = ("streamed", "matrix")
-_NAME_RE = re.compile(r"top_(\d+)_(similar|from_matrix)\.npy")
-_ROUTE_OF_NAME = {"similar": "streamed", "from_matrix": "matrix"}
+_NAME_RE = re.compile(r"top_(\d+)_(similar|from_matrix|faces|poses)\.npy")
+_ROUTE_OF_NAME = {"similar": "streamed", "from_matrix": "matrix", "faces": "streamed", "poses": "streamed"}
+#: The table names each kind of item may use (``DataPaths.kind``).
+_SUFFIXES_OF_KIND = {"paintings": ("similar", "from_matrix"), "faces": ("faces",), "poses": ("poses",)}
 
 
 def table_dtype(k: int) -> np.dtype:
@@ -116,7 +118,7 @@ def find_table(paths: DataPaths, k: int, n: int, features_sha256: str) -> Neighb
     candidates = []
     for path in paths.root.glob("top_*.npy"):
         m = _NAME_RE.fullmatch(path.name)
-        if not m or int(m.group(1)) < k:
+        if not m or int(m.group(1)) < k or m.group(2) not in _SUFFIXES_OF_KIND[paths.kind]:
             continue
         rec_path = record_path(path)
         recorded = rec_path.exists()

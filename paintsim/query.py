@@ -318,6 +318,29 @@ def write_neighbours_csv(coll: Collection, index: np.ndarray, score: np.ndarray,
     return int(index.size)
 
 
+def face_neighbours(coll: Collection, faces, face_row: int, k: int,
+                    device: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+    """The ``k`` nearest faces in other paintings of face ``face_row`` of ``faces`` (the faces'
+    ``Embeddings``): from ``top_{k}_faces.npy`` when it fits, else an exact search."""
+    from . import knn, neighbours
+
+    groups = np.array([faces.image_name(i) for i in range(len(faces))])
+    table = neighbours.find_table(faces.paths, k, len(faces), faces.sha256)
+    if table is not None:
+        return table.index[face_row, :k].astype(np.int64), table.score[face_row, :k].astype(np.float32), table.describe()
+    wide = min(len(faces), k + int(np.unique(groups, return_counts=True)[1].max()))
+    idx, score = knn.search(np.asarray(faces.features[face_row:face_row + 1], dtype=np.float32), faces.features,
+                            wide, device=device)
+    keep = groups[idx[0]] != groups[face_row]
+    return (idx[0][keep][:k].astype(np.int64), score[0][keep][:k].astype(np.float32),
+            f"an exact search of {faces.paths.features.name}")
+
+
+def painting_row_of(coll: Collection, image_name: str) -> int | None:
+    hits = np.flatnonzero(coll.names == image_name)
+    return int(hits[0]) if hits.size else None
+
+
 # --------------------------------------------------------------------------- outside images
 
 def load_outside_image(source: str, max_bytes: int = MAX_URL_BYTES):

@@ -39,6 +39,7 @@ def test_int_and_float_ranges_refuse_values_outside_their_bounds():
     ("evaluate_unsupervised", "paintsim.evaluation:EvalConfig"),
     ("download_images", "paintsim.download:DownloadOptions"),
     ("explore_collection", "paintsim.site:SiteConfig"),
+    ("extract_faces", "paintsim.faces:FaceConfig"),
 ])
 def test_each_config_field_has_its_flag_with_the_same_default(script, config):
     module, name = config.split(":")

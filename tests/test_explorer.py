@@ -63,7 +63,7 @@ def test_the_site_has_a_page_per_painting_thumbnails_a_map_and_no_broken_link(co
     page = (site / "paintings" / f"{stems[3]}.html").read_text()
     linked = re.findall(r'class="card" href="\.\./paintings/([^"]+)\.html"', page)
     assert linked == [stems[j] for j in collection["index"][3][:5]]
-    assert "random pairs of this collection score" in page
+    assert "random pairs of paintings of this collection score" in page
 
 
 def test_titles_and_artists_from_the_csv_are_escaped(collection):

@@ -26,7 +26,7 @@ def run_pipeline(data_dir, *args, **env_extra) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, mobilenet_weights):
     data = tmp_path_factory.mktemp("pipeline") / "demo"
-    proc = run_pipeline(data, "--sample")
+    proc = run_pipeline(data, "--sample", "--faces")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return data, proc
 
@@ -50,6 +50,8 @@ def test_demo_pipeline_runs_every_stage_end_to_end(demo):
     assert f"report:  {data}/evaluation.json" in proc.stdout
     assert proc.stdout.rstrip().endswith(f"explorer: open {data}/site/index.html in a browser (no server needed)")
     assert (data / "site" / "evaluation.html").is_file() and (data / "map_2d.npy").is_file()
+    assert (data / "faces.csv").is_file() and (data / "face_features.npy").is_file()
+    assert "Faces like face 1 of this painting" in "".join(p.read_text() for p in (data / "site" / "paintings").glob("*.html"))
     assert f"figures: {data}/figures/" in proc.stdout
 
 

@@ -56,6 +56,7 @@ class EvalConfig:
     weights: str | None = None
     skip_copies: bool = False
     skip_pixels: bool = False
+    skip_faces: bool = False
     progress: bool = True
 
 
@@ -128,5 +129,9 @@ def evaluate(data_dir: str, cfg: EvalConfig) -> Evaluation:
     if "pixel_sample" in asked and report["pixels"].get("ssim_neighbours") is None and not cfg.skip_pixels:
         raise UserError(f"--pixel-sample {cfg.pixel_sample}: the pixel baselines cannot run: no sampled pair of "
                         f"images could be read from {emb.images_dir}")
+    from .faces import faces_section
+
+    report["faces"] = ({"status": "skipped (--skip-faces)"} if cfg.skip_faces else
+                       faces_section(emb, None if isinstance(labels, dict) else labels[0], cfg.label_column, cfg))
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return Evaluation(report=report, distributions=dists)

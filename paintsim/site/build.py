@@ -63,6 +63,9 @@ class SiteSummary:
     map: dict = field(default_factory=dict)
     seconds: float = 0.0
     evaluation: bool = False
+    faces: int = 0
+    poses: int = 0
+    face_files: set = field(default_factory=set)
 
     def text(self) -> str:
         tw = self.map.get("trustworthiness") or {}
@@ -147,6 +150,86 @@ def _evaluation_page(env, data_dir_paths, site: Path, write: _Writer) -> bool:
     return True
 
 
+def _part_sections(coll, items: list[Painting], has_thumb: list[bool], cfg: SiteConfig, site: Path,
+                   summary: SiteSummary) -> dict[int, list[dict]]:
+    """Further sections of painting pages from the faces and poses stages, when they have run:
+    each face of the painting beside its nearest faces in other paintings, and each person's
+    nearest poses in other paintings. {painting row: [section, ...]}."""
+    from ..embeddings import Embeddings
+    from ..faces import crop_face, faces_csv, read_faces_csv
+    from ..images import ImageDecodeError, load_rgb
+    from ..knn import top_k_other_groups
+    from ..neighbours import find_table
+
+    out: dict[int, list[dict]] = {}
+    row_of = {str(nm): i for i, nm in enumerate(coll.names)}
+    for kind in ("faces", "poses"):
+        paths = coll.paths.of_kind(kind)
+        if not paths.features.exists():
+            continue
+        try:
+            emb = Embeddings.load(coll.paths.root, kind=kind)
+        except Exception as exc:  # noqa: BLE001 - a damaged part artifact leaves its section out
+            log.warning("%s left out of the site: %s", kind, exc)
+            continue
+        owner = np.array([row_of.get(emb.image_name(i), -1) for i in range(len(emb))])
+        groups = [emb.image_name(i) for i in range(len(emb))]
+        k = min(cfg.k, len(emb) - int(np.unique(groups, return_counts=True)[1].max()))
+        if k < 1:
+            continue
+        table = find_table(paths, k, len(emb), emb.sha256)
+        if table is not None:
+            index, score, where = table.index[:, :k], table.score[:, :k], table.describe()
+        else:
+            index, score = top_k_other_groups(emb.features, groups, k, device=cfg.device)
+            where = f"an exact search of {paths.features.name}"
+        crops: dict[int, str] = {}
+        if kind == "faces":
+            boxes = read_faces_csv(faces_csv(paths))
+            for i in range(len(emb)):
+                image, f = str(emb.names[i]).rsplit("#", 1)
+                if owner[i] < 0:
+                    continue
+                dest = site / "faces" / f"{items[owner[i]].stem}-{f}.jpg"
+                summary.face_files.add(dest)
+                src = coll.emb.images_dir / image
+                try:
+                    if not dest.exists() or dest.stat().st_mtime < src.stat().st_mtime:
+                        crop = crop_face(load_rgb(src), boxes[image][int(f)], 0.3)
+                        crop.thumbnail((160, 160))
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        from ..artifacts import atomic_path
+
+                        with atomic_path(dest, suffix=".jpg") as tmp:
+                            crop.convert("RGB").resize((160, 160)).save(tmp, "JPEG", quality=85)
+                    crops[i] = f"../faces/{dest.name}"
+                except (ImageDecodeError, OSError, KeyError, IndexError) as exc:
+                    log.warning("no crop of face %s: %s", emb.names[i], exc)
+            summary.faces = len(emb)
+        else:
+            summary.poses = len(emb)
+        for i in range(len(emb)):
+            if owner[i] < 0:
+                continue
+            cards = []
+            for j, s in zip(index[i], score[i]):
+                o = int(owner[int(j)])
+                if o < 0:
+                    continue
+                card = _card(items[o], float(s), has_thumb[o], "../")
+                if kind == "faces" and int(j) in crops:
+                    card["thumb"] = crops[int(j)]
+                cards.append(card)
+            n = str(emb.names[i]).rsplit("#", 1)[1]
+            title = (f"Faces like face {int(n) + 1} of this painting" if kind == "faces"
+                     else f"Poses like person {int(n) + 1} of this painting")
+            out.setdefault(int(owner[i]), []).append(
+                {"title": title, "source": where, "cards": cards, "query_thumb": crops.get(i, ""),
+                 "note": f"Each card is a {kind[:-1]} of another painting; scores are cosine similarities of the "
+                         f"{'face crops' if kind == 'faces' else 'pose descriptors'}."})
+    return out
+
+
 def build_site(data_dir: str | os.PathLike[str], cfg: SiteConfig) -> SiteSummary:
     """Build (or bring up to date) ``<data-dir>/site/``; returns what was done."""
     from .. import mapping
@@ -198,13 +281,15 @@ def build_site(data_dir: str | os.PathLike[str], cfg: SiteConfig) -> SiteSummary
     write(site / "index.html", env.get_template("index.html").render(
         root="", title=title, about=about, evaluation=summary.evaluation, grid_page=GRID_PAGE))
 
+    parts = _part_sections(coll, items, has_thumb, cfg, site, summary)
     page = env.get_template("painting.html")
     from tqdm.auto import tqdm
 
     for p in tqdm(items, desc="pages", unit="page", disable=not cfg.progress):
         cards = [_card(items[int(j)], float(s), has_thumb[int(j)], "../")
                  for j, s in zip(index[p.row], score[p.row])]
-        sections = [{"title": "Most similar paintings", "source": where, "cards": cards}]
+        sections = [{"title": "Most similar paintings", "source": where, "cards": cards, "query_thumb": "", "note": ""}]
+        sections += parts.get(p.row, [])
         write(site / p.page, page.render(
             root="../", title=f"{p.title} — paintsim", p=p,
             image=f"../images/{p.stem}.jpg" if has_view[p.row] else (f"../{p.thumb}" if has_thumb[p.row] else ""),
@@ -212,8 +297,8 @@ def build_site(data_dir: str | os.PathLike[str], cfg: SiteConfig) -> SiteSummary
 
     # what the collection no longer has: pages, thumbnails and images of removed paintings
     keep = {site / p.page for p in items} | {site / p.thumb for p in items} | \
-           {site / "images" / f"{p.stem}.jpg" for p in items} | write.seen
-    for folder in ("paintings", "thumbs", "images", "evaluation"):
+           {site / "images" / f"{p.stem}.jpg" for p in items} | write.seen | summary.face_files
+    for folder in ("paintings", "thumbs", "images", "evaluation", "faces"):
         d = site / folder
         if not d.is_dir():
             continue
