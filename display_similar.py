@@ -182,15 +182,22 @@ def show_faces(coll, row: int, args) -> int:
                         f"listed in {faces_csv(faces.paths)}")
     if args.face >= len(found):
         raise UserError(f"--face {args.face}: {query.describe(info)} has {len(found)} face(s), 0..{len(found) - 1}")
-    face_row = int(np.flatnonzero(faces.names == f"{name}#{args.face}")[0])
+    hits = np.flatnonzero(faces.names == f"{name}#{args.face}")
+    if not hits.size:
+        raise UserError(f"{faces.paths.image_names} has no face {name}#{args.face} although "
+                        f"{faces_csv(faces.paths)} lists it: rerun extract_faces.py")
+    face_row = int(hits[0])
+    crop_meta = faces.meta.get("crop", {}) if faces.meta else {}
     rows, scores, where = query.face_neighbours(coll, faces, face_row, args.k, device=args.device)
 
     def crop(face_name: str):
         image, i = face_name.rsplit("#", 1)
+        image = Path(image).name  # looked up in the folder, never a path
         try:
-            face = crop_face(load_rgb(coll.emb.images_dir / image), boxes[image][int(i)], margin=0.3)
+            face = crop_face(load_rgb(coll.emb.images_dir / image), boxes[image][int(i)],
+                             crop_meta.get("margin", 0.3), crop_meta.get("align", True))
             return face.resize((args.thumb_size, args.thumb_size))  # small faces drawn at the tile's size
-        except (ImageDecodeError, KeyError, IndexError) as exc:
+        except (ImageDecodeError, KeyError, IndexError, ValueError) as exc:
             log.warning("face %s unreadable: %s", face_name, exc)
             return None
 

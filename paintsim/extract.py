@@ -114,7 +114,9 @@ class ImageDataset:
             if self.faces is not None and self.faces.get(item.name):
                 from .faces import faces_box  # the box around all its faces; the whole painting without
 
-                img = img.crop(faces_box(self.faces[item.name], self.margin, img.size))
+                box = faces_box(self.faces[item.name], self.margin, img.size)
+                if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:  # a box outside the image: the whole painting
+                    img = img.crop(box)
             return i, self.preprocessing(img), ""
         except ImageDecodeError as exc:
             return i, None, str(exc).replace(str(item.path), item.file)

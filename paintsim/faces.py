@@ -95,7 +95,7 @@ class Detector:
 
     def detect(self, images: Sequence) -> list[list[Face]]:
         """The faces of each PIL image (RGB), boxes and landmarks in that image's own pixels."""
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         scaled, scales = [], []
         for i, img in enumerate(images):
             w, h = img.size
@@ -103,12 +103,14 @@ class Detector:
             small = img if s == 1.0 else img.resize((max(1, round(w * s)), max(1, round(h * s))))
             scaled.append(small)
             scales.append((w / small.size[0], h / small.size[1]))
-            groups[small.size].append(i)
+            # one batch per scaled size *and* scale: the smallest face asked for is the same for all
+            groups[(small.size, round(scales[-1][0], 6))].append(i)
         out: list[list[Face]] = [[] for _ in images]
-        for size, idx in groups.items():
+        for (size, sx), idx in groups.items():
             # the smallest face asked for, in the scaled image's pixels (MTCNN needs at least 12)
-            sx = scales[idx[0]][0]
             self.mtcnn.min_face_size = max(12, int(round(self.min_face_size / sx)))
+            if min(size) < self.mtcnn.min_face_size:  # no face that large fits: MTCNN has no scale to try
+                continue
             boxes, probs, points = self.mtcnn.detect([scaled[i] for i in idx], landmarks=True)
             for j, i in enumerate(idx):
                 if boxes[j] is None:
@@ -131,9 +133,17 @@ def crop_face(img, face: Face, margin: float = 0.3, align: bool = True):
     """A square crop around the face, ``margin`` of its size on each side, eyes made level when
     the landmarks are known (the image is turned about the eyes' midpoint first)."""
     x0, y0, x1, y1 = face.box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    # work on a padded region around the face, not the whole painting (a turn of a 6,000 px
+    # painting per face costs seconds); coordinates below are the region's
+    pad = side * 1.5
+    ox, oy = round((x0 + x1) / 2 - pad), round((y0 + y1) / 2 - pad)
+    img = img.crop((ox, oy, ox + round(2 * pad), oy + round(2 * pad)))
+    x0, x1, y0, y1 = x0 - ox, x1 - ox, y0 - oy, y1 - oy
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if align and face.landmarks is not None:
-        (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    landmarks = None if face.landmarks is None else face.landmarks - [ox, oy]
+    if align and landmarks is not None:
+        (lx, ly), (rx, ry) = landmarks[0], landmarks[1]
         angle = math.degrees(math.atan2(ry - ly, rx - lx))
         if abs(angle) > 1.0 and abs(angle) < 60:
             ex, ey = (lx + rx) / 2, (ly + ry) / 2
@@ -142,7 +152,6 @@ def crop_face(img, face: Face, margin: float = 0.3, align: bool = True):
             t = math.radians(angle)
             dx, dy = cx - ex, cy - ey
             cx, cy = ex + dx * math.cos(t) + dy * math.sin(t), ey - dx * math.sin(t) + dy * math.cos(t)
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
     return img.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
 
 
@@ -193,7 +202,8 @@ class VGGFace2:
         self.model.load_state_dict(state)
         self.device = device
         self.model.to(device)
-        self.meta = {"kind": "vggface2", "file": path.name}
+        self.meta = {"kind": "vggface2", "file": path.name,
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
     def embed(self, crops: Sequence) -> np.ndarray:
         import torch
@@ -221,8 +231,8 @@ def make_embedder(cfg: FaceConfig, paths: DataPaths, device: str):
                         "so run extract_features.py first (or pass --face-model vggface2)")
     emb = Embeddings.load(paths.root)
     embedder = Embedder.for_collection(emb, device=device, weights=cfg.weights)
-    meta = {k: emb.meta.get(k) for k in ("backbone", "weights", "preprocessing", "fingerprint")}
-    return embedder, dict(meta, kind="backbone")
+    meta = {k: emb.meta.get(k) for k in ("backbone", "weights", "preprocessing")}
+    return embedder, dict(meta, kind="backbone", fingerprint=embedder.fingerprint())
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -316,11 +326,18 @@ def read_faces_csv(path: Path) -> dict[str, list[Face]]:
             reader = csv.DictReader(fh)
             if reader.fieldnames != FACES_COLUMNS:
                 raise ValueError(f"columns {reader.fieldnames}")
-            for row in reader:
+            for line, row in enumerate(reader, start=2):
                 lm = [row[c] for c in FACES_COLUMNS[7:]]
                 land = np.array(lm, dtype=np.float64).reshape(5, 2) if all(lm) else None
-                out[row["image"]].append(Face(tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1")),
-                                              float(row["prob"]), land))
+                box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
+                prob = float(row["prob"])
+                if not (all(math.isfinite(v) for v in box) and 0 <= box[0] < box[2] and 0 <= box[1] < box[3]
+                        and 0 <= prob <= 1 and (land is None or np.isfinite(land).all())):
+                    raise ValueError(f"line {line}: not a face box ({row['x0']}, {row['y0']}, {row['x1']}, "
+                                     f"{row['y1']}, prob {row['prob']})")
+                if int(row["face"]) != len(out[row["image"]]):
+                    raise ValueError(f"line {line}: face {row['face']} of {row['image']} is out of order")
+                out[row["image"]].append(Face(box, prob, land))
     except (ValueError, KeyError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is damaged ({exc}); rerun extract_faces.py") from None
     return dict(out)
@@ -363,12 +380,29 @@ def run_faces(cfg: FaceConfig) -> dict[str, Any]:
             except (ImageDecodeError, OSError) as exc:
                 pending.append((it, _Done(error=str(exc).replace(f"{it.path}: ", ""),
                                           feats=np.zeros((0, embedder.dim), np.float32))))
-        found = detector.detect(imgs) if imgs else []
+        try:
+            found = detector.detect(imgs) if imgs else []
+        except (ValueError, RuntimeError) as exc:  # one odd image must not stop the run: look alone
+            found = []
+            for it, img in zip(list(ok), list(imgs)):
+                try:
+                    found.append(detector.detect([img])[0])
+                except (ValueError, RuntimeError) as one:
+                    pending.append((it, _Done(error=f"face detection failed: {one}",
+                                              feats=np.zeros((0, embedder.dim), np.float32))))
+                    i = ok.index(it)
+                    ok.pop(i)
+                    imgs.pop(i)
+            log.debug("batch detection failed (%s): images looked at one by one", exc)
         crops = [crop_face(img, f, cfg.margin, not cfg.no_align) for img, faces in zip(imgs, found) for f in faces]
         vecs = np.asarray(embedder.embed(crops), dtype=np.float32) if crops else np.zeros((0, embedder.dim), np.float32)
         at = 0
         for it, faces in zip(ok, found):
-            pending.append((it, _Done(faces, vecs[at:at + len(faces)])))
+            rows_ = vecs[at:at + len(faces)]
+            good = np.isfinite(rows_).all(axis=1) & (np.abs(rows_).sum(axis=1) > 0)
+            if not good.all():
+                log.warning("%s: %d face(s) gave a degenerate embedding and are left out", it.file, int((~good).sum()))
+            pending.append((it, _Done([f for f, g in zip(faces, good) if g], rows_[good])))
             at += len(faces)
         bar.update(len(batch))
         if len(pending) >= cfg.chunk_size:
@@ -403,6 +437,8 @@ def run_faces(cfg: FaceConfig) -> dict[str, Any]:
         write_embeddings(paths, np.stack(feats), names, meta)
     else:
         log.warning("no faces found in %d images: no face_features.npy written", len(items))
+        for stale in (paths.features_meta, paths.features, paths.image_names):  # an earlier run's faces
+            stale.unlink(missing_ok=True)
     return {"images": len(items), "processed": len(todo), "faces": len(rows), "images_with_faces": with_faces,
             "unreadable": len(errors), "seconds": time.perf_counter() - t0, "csv": faces_csv(paths),
             "features": paths.features if feats else None}

@@ -213,3 +213,33 @@ def test_the_face_model_offline_without_its_weights_is_one_line(sample_faces, tm
                       "--no-progress", check=False, env={"TORCH_HOME": str(tmp_path / "empty")})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "20180402-114759-vggface2.pt" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+
+
+def test_an_image_smaller_than_the_smallest_face_is_looked_at_and_has_none(detector):
+    assert detector.detect([Image.new("RGB", (100, 19)), Image.new("RGB", (100, 200))]) == [[], []]
+
+
+def test_a_run_that_finds_no_face_leaves_no_faces_of_an_earlier_run(sample_faces, tmp_path):
+    root, _, _ = sample_faces
+    other = tmp_path / "data"
+    shutil.copytree(root, other)
+    blanks = tmp_path / "blanks"
+    blanks.mkdir()
+    for i in range(3):
+        Image.new("RGB", (120, 160), (200 - 20 * i, 190, 160)).save(blanks / f"blank{i}.jpg")
+    run_script("extract_faces.py", "--data-dir", other, "--images-dir", blanks, "--no-progress")
+    assert read_faces_csv(other / "faces.csv") == {}
+    assert not (other / "face_features.npy").exists() and not (other / "face_meta.json").exists()
+
+
+def test_damaged_faces_csv_values_are_one_line(tmp_path):
+    from paintsim.errors import UserError
+
+    from paintsim.faces import FACES_COLUMNS
+
+    for bad in (["a.jpg", "0", "nan", "1", "5", "6", "0.9"], ["a.jpg", "0", "5", "1", "2", "6", "0.9"],
+                ["a.jpg", "1", "1", "1", "5", "6", "0.9"], ["a.jpg", "0", "1", "1", "5", "6", "7"]):
+        path = tmp_path / "faces.csv"
+        path.write_text(",".join(FACES_COLUMNS) + "\n" + ",".join(bad + [""] * 10) + "\n")
+        with pytest.raises(UserError, match="damaged.*line 2"):
+            read_faces_csv(path)

@@ -6,6 +6,7 @@ Every figure has a seeded bootstrap interval and, where a random ranking has one
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,13 +26,21 @@ def faces_section(emb, codes: np.ndarray | None, label_column: str, cfg) -> dict
     from ..embeddings import Embeddings
     from ..faces import faces_csv, read_faces_csv
 
+    from ..errors import UserError
+
     paths = emb.paths.of_kind("faces")
     if not paths.features.exists():
         return {"status": "skipped: no face_features.npy (run extract_faces.py)"}
-    faces = Embeddings.load(emb.paths.root, kind="faces")
-    boxes = read_faces_csv(faces_csv(paths))
+    try:
+        faces = Embeddings.load(emb.paths.root, kind="faces")
+        boxes = read_faces_csv(faces_csv(paths))
+    except UserError as exc:
+        return {"status": f"skipped: {exc}"}
     row_of = {str(nm): i for i, nm in enumerate(emb.names)}
     owner = np.array([row_of.get(faces.image_name(i), -1) for i in range(len(faces))])
+    if (owner < 0).any():
+        log.warning("%d face(s) belong to no painting of features.npy (stale faces?); left out",
+                    int((owner < 0).sum()))
     has_face = np.zeros(len(emb), dtype=np.float64)
     has_face[owner[owner >= 0]] = 1.0
     lo, hi = metrics.bootstrap_ci(has_face[:, None], n_boot=cfg.n_boot, seed=cfg.seed)
@@ -48,12 +57,17 @@ def faces_section(emb, codes: np.ndarray | None, label_column: str, cfg) -> dict
 def _same_label(faces, owner: np.ndarray, codes: np.ndarray | None, label_column: str, cfg) -> dict:
     if codes is None:
         return {"same_label": {"status": "skipped: no labels"}}
-    face_codes = np.where(owner >= 0, codes[np.maximum(owner, 0)], -1)
-    n_other = len(faces) - np.bincount(owner[owner >= 0], minlength=owner.max() + 1)[np.maximum(owner, 0)]
-    kmax = min(max(FACE_KS), int(n_other.min()) if len(n_other) else 0)
+    owned = np.flatnonzero(owner >= 0)  # faces of paintings of the collection only
+    if owned.size < 2:
+        return {"same_label": {"status": "skipped: too few faces"}}
+    owner = owner[owned]
+    feats = np.asarray(faces.features[owned], dtype=np.float32)
+    face_codes = codes[owner]
+    n_other = len(owner) - np.bincount(owner, minlength=owner.max() + 1)[owner]
+    kmax = min(max(FACE_KS), int(n_other.min()))
     if kmax < 1 or (face_codes >= 0).sum() < 2:
         return {"same_label": {"status": "skipped: too few faces in other paintings"}}
-    index, _ = knn.top_k_other_groups(faces.features, owner, kmax, device=cfg.device)
+    index, _ = knn.top_k_other_groups(feats, owner, kmax, device=cfg.device)
     # relevant: faces of other paintings with the same label; queries: faces with at least one
     same = np.zeros(len(faces), dtype=np.int64)
     for c in np.unique(face_codes[face_codes >= 0]):
@@ -61,7 +75,9 @@ def _same_label(faces, owner: np.ndarray, codes: np.ndarray | None, label_column
         per_owner = np.bincount(owner[members], minlength=owner.max() + 1)
         same[members] = members.sum() - per_owner[owner[members]]
     queries = np.flatnonzero((face_codes >= 0) & (same > 0))
-    res: dict[str, Any] = {"label_column": label_column, "n_queries": int(queries.size)}
+    res: dict[str, Any] = {"label_column": label_column, "n_queries": int(queries.size),
+                           "note": "faces of one painting are resampled independently, so the interval "
+                                   "may be narrow where a painting has many faces"}
     if queries.size == 0:
         res["status"] = "skipped: no face shares its label with a face of another painting"
         return {"same_label": res}
@@ -97,13 +113,19 @@ def _crop_recovery(emb, faces, boxes, cfg) -> dict:
     except Exception as exc:  # noqa: BLE001 - the section says why, the report goes on
         return {"crop_recovery": {"status": f"skipped: {exc}"}}
     crops, rows = [], []
+    recorded = faces.meta.get("crop", {}) if faces.meta else {}
+    if model.get("kind") == "backbone" and model.get("fingerprint") not in (None, embedder.fingerprint()):
+        return {"crop_recovery": {"status": "skipped: the faces were embedded by another model than "
+                                            "features_meta.json describes (rerun extract_faces.py)"}}
     for r in sample:
         image, i = str(faces.names[r]).rsplit("#", 1)
+        image = Path(image).name  # a name is looked up in the folder, never a path
         try:
             img = load_rgb(emb.images_dir / image)
-        except ImageDecodeError:
+            face = boxes[image][int(i)]
+        except (ImageDecodeError, KeyError, IndexError, ValueError):
             continue
-        crop = crop_face(img, boxes[image][int(i)], faces.meta.get("crop", {}).get("margin", 0.3))
+        crop = crop_face(img, face, recorded.get("margin", 0.3), recorded.get("align", True))
         crops.append(perturb(crop, "crop+jitter+blur", np.random.default_rng([cfg.seed, int(r)])))
         rows.append(int(r))
     if not crops:

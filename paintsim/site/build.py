@@ -169,6 +169,8 @@ def _part_sections(coll, items: list[Painting], has_thumb: list[bool], cfg: Site
             continue
         try:
             emb = Embeddings.load(coll.paths.root, kind=kind)
+            if kind == "faces":
+                read_faces_csv(faces_csv(paths))
         except Exception as exc:  # noqa: BLE001 - a damaged part artifact leaves its section out
             log.warning("%s left out of the site: %s", kind, exc)
             continue
@@ -186,6 +188,8 @@ def _part_sections(coll, items: list[Painting], has_thumb: list[bool], cfg: Site
         crops: dict[int, str] = {}
         if kind == "faces":
             boxes = read_faces_csv(faces_csv(paths))
+            csv_mtime = faces_csv(paths).stat().st_mtime
+            crop_meta = emb.meta.get("crop", {}) if emb.meta else {}
             for i in range(len(emb)):
                 image, f = str(emb.names[i]).rsplit("#", 1)
                 if owner[i] < 0:
@@ -194,8 +198,9 @@ def _part_sections(coll, items: list[Painting], has_thumb: list[bool], cfg: Site
                 summary.face_files.add(dest)
                 src = coll.emb.images_dir / image
                 try:
-                    if not dest.exists() or dest.stat().st_mtime < src.stat().st_mtime:
-                        crop = crop_face(load_rgb(src), boxes[image][int(f)], 0.3)
+                    if not dest.exists() or dest.stat().st_mtime < max(src.stat().st_mtime, csv_mtime):
+                        crop = crop_face(load_rgb(src), boxes[image][int(f)], crop_meta.get("margin", 0.3),
+                                         crop_meta.get("align", True))
                         crop.thumbnail((160, 160))
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         from ..artifacts import atomic_path
@@ -203,7 +208,7 @@ def _part_sections(coll, items: list[Painting], has_thumb: list[bool], cfg: Site
                         with atomic_path(dest, suffix=".jpg") as tmp:
                             crop.convert("RGB").resize((160, 160)).save(tmp, "JPEG", quality=85)
                     crops[i] = f"../faces/{dest.name}"
-                except (ImageDecodeError, OSError, KeyError, IndexError) as exc:
+                except (ImageDecodeError, OSError, KeyError, IndexError, ValueError) as exc:
                     log.warning("no crop of face %s: %s", emb.names[i], exc)
             summary.faces = len(emb)
         else:
