@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import artifacts
-from .artifacts import DataPaths, load_npz, save_npz_atomic, write_json_atomic
+from .artifacts import DataPaths
 from .backbones import DEFAULT_BACKBONE
 from .devices import resolve_device
 from .embedder import META_VERSION, Embedder, Preprocessing
@@ -27,6 +27,7 @@ from .embeddings import Embeddings, write_embeddings
 from .errors import BadValue, UserError
 from .images import ImageDecodeError, decode_rgb, is_image_file, list_folder, read_file
 from .manifest import read_manifest
+from .progress import ChunkFolder, key_arrays
 
 log = logging.getLogger(__name__)
 
@@ -142,45 +143,25 @@ class ProgressStore:
     """Finished embeddings and errors, in atomically written chunk files of one configuration."""
 
     def __init__(self, directory: Path, fingerprint: str, dim: int):
-        self.dir = directory
-        self.fingerprint = fingerprint
+        self.folder = ChunkFolder(directory, fingerprint, dimension=dim)
         self.dim = dim
         self.features: dict[tuple[str, int, int], np.ndarray] = {}
         self.errors: dict[tuple[str, int, int], str] = {}
-        self._next = 0
 
     def load(self) -> None:
-        cfg_path = self.dir / "config.json"
-        if self.dir.exists():
-            cfg = None
-            try:
-                cfg = artifacts.read_json_object(cfg_path)
-            except (OSError, UserError):
-                pass
-            if not cfg or cfg.get("fingerprint") != self.fingerprint:
-                stale = sorted(self.dir.glob("chunk-*.npz"))
-                if stale:
-                    log.info("discarding %d progress chunk(s) of another configuration in %s", len(stale), self.dir)
-                for p in stale:
-                    p.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg_path, {"fingerprint": self.fingerprint, "dimension": self.dim})
-        for path in sorted(self.dir.glob("chunk-*.npz")):
-            try:
-                self._next = max(self._next, int(path.stem.split("-")[1]) + 1)
-                z = load_npz(path)
-                feats = z["features"]
-                if feats.ndim != 2 or feats.shape[1] != self.dim:
-                    raise ValueError(f"features of shape {feats.shape}")
-                for key, row in zip(zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()), feats):
-                    self.features[key] = row
-                    self.errors.pop(key, None)
-                for key, msg in zip(zip(z["err_names"].tolist(), z["err_sizes"].tolist(),
-                                        z["err_mtimes"].tolist()), z["err_msgs"].tolist()):
-                    self.errors[key] = msg
-                    self.features.pop(key, None)
-            except (OSError, ValueError, KeyError, IndexError) as exc:
-                log.warning("ignoring unreadable progress chunk %s (%s)", path, exc)
+        self.folder.open(self._read)
+
+    def _read(self, z) -> None:
+        feats = z["features"]
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"features of shape {feats.shape}")
+        for key, row in zip(zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()), feats):
+            self.features[key] = row
+            self.errors.pop(key, None)
+        for key, msg in zip(zip(z["err_names"].tolist(), z["err_sizes"].tolist(),
+                                z["err_mtimes"].tolist()), z["err_msgs"].tolist()):
+            self.errors[key] = msg
+            self.features.pop(key, None)
 
     def done(self, item: Item) -> bool:
         key = (item.name, item.size, item.mtime_ns)
@@ -189,27 +170,20 @@ class ProgressStore:
     def write_chunk(self, feats: list[tuple[Item, np.ndarray]], errors: list[tuple[Item, str]]) -> None:
         if not feats and not errors:
             return
-        path = self.dir / f"chunk-{self._next:06d}.npz"
-        self._next += 1
-        self._save(path, feats, errors)
+        self.folder.write(**self._arrays(feats, errors))
         for item, row in feats:
             self.features[(item.name, item.size, item.mtime_ns)] = row
         for item, msg in errors:
             self.errors[(item.name, item.size, item.mtime_ns)] = msg
 
-    def _save(self, path: Path, feats, errors) -> None:
-        def key_arrays(pairs):
-            return (np.array([it.name for it, _ in pairs], dtype=str).reshape(-1),
-                    np.array([it.size for it, _ in pairs], dtype=np.int64),
-                    np.array([it.mtime_ns for it, _ in pairs], dtype=np.int64))
-
-        names, sizes, mtimes = key_arrays(feats)
-        enames, esizes, emtimes = key_arrays(errors)
+    def _arrays(self, feats, errors) -> dict[str, np.ndarray]:
+        names, sizes, mtimes = key_arrays(it for it, _ in feats)
+        enames, esizes, emtimes = key_arrays(it for it, _ in errors)
         features = (np.stack([r for _, r in feats]).astype(np.float32) if feats
                     else np.zeros((0, self.dim), np.float32))
-        save_npz_atomic(path, names=names, sizes=sizes, mtimes=mtimes, features=features,
-                        err_names=enames, err_sizes=esizes, err_mtimes=emtimes,
-                        err_msgs=np.array([m for _, m in errors], dtype=str).reshape(-1))
+        return dict(names=names, sizes=sizes, mtimes=mtimes, features=features,
+                    err_names=enames, err_sizes=esizes, err_mtimes=emtimes,
+                    err_msgs=np.array([m for _, m in errors], dtype=str).reshape(-1))
 
     def compact(self, items: Sequence[Item]) -> None:
         """Rewrite the store as one chunk holding exactly the current items (drops stale entries)."""
@@ -217,14 +191,9 @@ class ProgressStore:
                  if (it.name, it.size, it.mtime_ns) in self.features]
         errors = [(it, self.errors[(it.name, it.size, it.mtime_ns)]) for it in items
                   if (it.name, it.size, it.mtime_ns) in self.errors]
-        old = sorted(self.dir.glob("chunk-*.npz"))
-        if len(old) <= 1 and len(feats) + len(errors) == len(self.features) + len(self.errors):
+        if len(self.folder.chunks()) <= 1 and len(feats) + len(errors) == len(self.features) + len(self.errors):
             return
-        path = self.dir / f"chunk-{self._next:06d}.npz"
-        self._next += 1
-        self._save(path, feats, errors)
-        for p in old:
-            p.unlink()
+        self.folder.replace_all(**self._arrays(feats, errors))
 
 
 # --------------------------------------------------------------------------------------------

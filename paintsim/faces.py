@@ -27,8 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import DataPaths, load_npz, read_json_object, save_npz_atomic, write_json_atomic
+from .artifacts import DataPaths
 from .errors import BadValue, UserError
+from .progress import ChunkFolder, key_arrays
 
 log = logging.getLogger(__name__)
 
@@ -247,37 +248,22 @@ class _Progress:
     """Finished images (their faces and embeddings, or their error) in atomic chunk files."""
 
     def __init__(self, directory: Path, fingerprint: str, dim: int):
-        self.dir, self.fingerprint, self.dim = directory, fingerprint, dim
+        self.folder = ChunkFolder(directory, fingerprint, dimension=dim)
+        self.dim = dim
         self.done: dict[tuple[str, int, int], _Done] = {}
-        self._next = 0
 
     def load(self) -> None:
-        cfg = self.dir / "config.json"
-        if self.dir.exists():
-            try:
-                same = read_json_object(cfg).get("fingerprint") == self.fingerprint
-            except (OSError, UserError):
-                same = False
-            if not same:
-                for p in self.dir.glob("chunk-*.npz"):
-                    p.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg, {"fingerprint": self.fingerprint, "dimension": self.dim})
-        for path in sorted(self.dir.glob("chunk-*.npz")):
-            try:
-                self._next = max(self._next, int(path.stem.split("-")[1]) + 1)
-                z = load_npz(path)
-                start = 0
-                for name, size, mtime, count, err in zip(z["names"].tolist(), z["sizes"].tolist(),
-                                                         z["mtimes"].tolist(), z["counts"].tolist(),
-                                                         z["errors"].tolist()):
-                    sl = slice(start, start + count)
-                    start += count
-                    faces = [Face(tuple(map(float, b)), float(p), lm.reshape(5, 2) if np.isfinite(lm).all() else None)
-                             for b, p, lm in zip(z["boxes"][sl], z["probs"][sl], z["landmarks"][sl])]
-                    self.done[(name, size, mtime)] = _Done(faces, z["features"][sl], err)
-            except (OSError, ValueError, KeyError, IndexError) as exc:
-                log.warning("ignoring unreadable progress chunk %s (%s)", path, exc)
+        self.folder.open(self._read)
+
+    def _read(self, z) -> None:
+        start = 0
+        for name, size, mtime, count, err in zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist(),
+                                                 z["counts"].tolist(), z["errors"].tolist()):
+            sl = slice(start, start + count)
+            start += count
+            faces = [Face(tuple(map(float, b)), float(p), lm.reshape(5, 2) if np.isfinite(lm).all() else None)
+                     for b, p, lm in zip(z["boxes"][sl], z["probs"][sl], z["landmarks"][sl])]
+            self.done[(name, size, mtime)] = _Done(faces, z["features"][sl], err)
 
     def write(self, batch: list[tuple[Any, _Done]]) -> None:
         if not batch:
@@ -285,11 +271,9 @@ class _Progress:
         faces = [(f, d.feats[i]) for _, d in batch for i, f in enumerate(d.faces)]
         lm = np.array([f.landmarks.reshape(-1) if f.landmarks is not None else np.full(10, np.nan)
                        for f, _ in faces], dtype=np.float64).reshape(-1, 10)
-        save_npz_atomic(
-            self.dir / f"chunk-{self._next:06d}.npz",
-            names=np.array([it.name for it, _ in batch], dtype=str).reshape(-1),
-            sizes=np.array([it.size for it, _ in batch], dtype=np.int64),
-            mtimes=np.array([it.mtime_ns for it, _ in batch], dtype=np.int64),
+        names, sizes, mtimes = key_arrays(it for it, _ in batch)
+        self.folder.write(
+            names=names, sizes=sizes, mtimes=mtimes,
             counts=np.array([len(d.faces) for _, d in batch], dtype=np.int64),
             errors=np.array([d.error for _, d in batch], dtype=str).reshape(-1),
             boxes=np.array([f.box for f, _ in faces], dtype=np.float64).reshape(-1, 4),
@@ -297,7 +281,6 @@ class _Progress:
             landmarks=lm,
             features=np.stack([v for _, v in faces]).astype(np.float32) if faces
             else np.zeros((0, self.dim), np.float32))
-        self._next += 1
         for it, d in batch:
             self.done[(it.name, it.size, it.mtime_ns)] = d
 

@@ -34,13 +34,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import artifacts
-from .artifacts import DataPaths, load_npz, save_npz_atomic, write_json_atomic
+from .artifacts import DataPaths
 from .backbones import ResolvedWeights, _unwrap_state_dict, ensure_cached, sha256_file
 from .devices import resolve_device
 from .embedder import library_versions
 from .embeddings import array_sha256, write_embeddings
 from .errors import BadValue, UserError
 from .extract import Item, configure_threads, items_from_dir, items_from_manifest
+from .progress import ChunkFolder, key_arrays
 from .images import ImageDecodeError, is_image_file, load_rgb
 
 log = logging.getLogger(__name__)
@@ -389,36 +390,14 @@ class PoseProgress:
     (``chunk-NNNNNN.npz``, no pickle); an image with nobody in it is finished too."""
 
     def __init__(self, directory: Path, fingerprint: str):
-        self.dir = directory
-        self.fingerprint = fingerprint
+        self.folder = ChunkFolder(directory, fingerprint)
         self.done_images: dict[tuple[str, int, int], Detections] = {}
         self.errors: dict[tuple[str, int, int], str] = {}
-        self._next = 0
 
     def load(self) -> None:
-        cfg_path = self.dir / "config.json"
-        if self.dir.exists():
-            try:
-                cfg = artifacts.read_json_object(cfg_path)
-            except (OSError, UserError):
-                cfg = None
-            if not cfg or cfg.get("fingerprint") != self.fingerprint:
-                stale = sorted(self.dir.glob("chunk-*.npz"))
-                if stale:
-                    log.info("discarding %d progress chunk(s) of another configuration in %s", len(stale), self.dir)
-                for p in stale:
-                    p.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg_path, {"fingerprint": self.fingerprint})
-        for path in sorted(self.dir.glob("chunk-*.npz")):
-            try:
-                self._next = max(self._next, int(path.stem.split("-")[1]) + 1)
-                self._read_chunk(path)
-            except (OSError, ValueError, KeyError, IndexError) as exc:
-                log.warning("ignoring unreadable progress chunk %s (%s)", path, exc)
+        self.folder.open(self._read_chunk)
 
-    def _read_chunk(self, path: Path) -> None:
-        z = load_npz(path)
+    def _read_chunk(self, z) -> None:
         counts = z["counts"].astype(np.int64)
         ends = np.cumsum(counts)
         if len(ends) and ends[-1] != len(z["scores"]):
@@ -444,28 +423,21 @@ class PoseProgress:
     def write_chunk(self, found: list[tuple[Item, Detections]], errors: list[tuple[Item, str]]) -> None:
         if not found and not errors:
             return
-        path = self.dir / f"chunk-{self._next:06d}.npz"
-        self._next += 1
-        self._save(path, found, errors)
+        self.folder.write(**self._arrays(found, errors))
         for item, det in found:
             self.done_images[_key(item)] = det
         for item, msg in errors:
             self.errors[_key(item)] = msg
 
     @staticmethod
-    def _save(path: Path, found, errors) -> None:
-        def keys(pairs):
-            return (np.array([it.name for it, _ in pairs], dtype=str).reshape(-1),
-                    np.array([it.size for it, _ in pairs], dtype=np.int64),
-                    np.array([it.mtime_ns for it, _ in pairs], dtype=np.int64))
-
+    def _arrays(found, errors) -> dict[str, np.ndarray]:
         def cat(parts, shape):
             return np.concatenate(parts).astype(np.float32) if parts else np.zeros(shape, np.float32)
 
-        names, sizes, mtimes = keys(found)
+        names, sizes, mtimes = key_arrays(it for it, _ in found)
         dets = [d for _, d in found]
-        enames, esizes, emtimes = keys(errors)
-        save_npz_atomic(path, names=names, sizes=sizes, mtimes=mtimes,
+        enames, esizes, emtimes = key_arrays(it for it, _ in errors)
+        return dict(names=names, sizes=sizes, mtimes=mtimes,
                         widths=np.array([d.width for d in dets], dtype=np.int64),
                         heights=np.array([d.height for d in dets], dtype=np.int64),
                         counts=np.array([len(d) for d in dets], dtype=np.int64),
@@ -480,14 +452,9 @@ class PoseProgress:
         """Rewrite the store as one chunk holding exactly the current items (drops stale entries)."""
         found = [(it, self.done_images[_key(it)]) for it in items if _key(it) in self.done_images]
         errors = [(it, self.errors[_key(it)]) for it in items if _key(it) in self.errors]
-        old = sorted(self.dir.glob("chunk-*.npz"))
-        if len(old) <= 1 and len(found) + len(errors) == len(self.done_images) + len(self.errors):
+        if len(self.folder.chunks()) <= 1 and len(found) + len(errors) == len(self.done_images) + len(self.errors):
             return
-        path = self.dir / f"chunk-{self._next:06d}.npz"
-        self._next += 1
-        self._save(path, found, errors)
-        for p in old:
-            p.unlink()
+        self.folder.replace_all(**self._arrays(found, errors))
 
 
 # --------------------------------------------------------------------------------------------
