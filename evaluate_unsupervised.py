@@ -78,6 +78,17 @@ def build_parser():
     p.add_argument("--skip-pixels", action="store_true", help="skip the SSIM/RMSE baselines")
     p.add_argument("--skip-faces", action="store_true",
                    help="skip the faces section (it runs when extract_faces.py has written face_features.npy)")
+    p.add_argument("--neighbours", default=None, metavar="TABLE",
+                   help="evaluate this neighbour table (e.g. <data-dir>/top_10_boosted.npy) instead of the one "
+                        "the lookup finds (docs/stages.md); it must come from the current features")
+    p.add_argument("--compare", nargs="+", default=None, metavar="SET",
+                   help="compare feature sets (folders of extract_features.py --output-dir, or the data dir) "
+                        "and neighbour tables (.npy, e.g. a boosted one) of this collection on the same queries "
+                        "and seeds: writes <data-dir>/comparison.json (or --output) and figures/comparison.png "
+                        "(faces are left out)")
+    p.add_argument("--allow-circular", action="store_true",
+                   help="compute retrieval even on a label the --neighbours table was boosted by, marked "
+                        "circular (by default it is refused: it would measure the boost, not the pictures)")
     add_device_arg(p)
     p.add_argument("--batch-size", type=int_range(1, 1024), default=32, help="images per forward pass when embedding copies")
     p.add_argument("--weights", default=None,
@@ -116,12 +127,36 @@ def main(args) -> int:
     if args.print_report:
         print(summary_table(read_report(out)))
         return 0
+    if args.compare:
+        return compare_main(args, paths)
     ev = evaluate(args.data_dir, config_from_args(EvalConfig, args))
     figs = save_figures(ev, figures_prefix(args, out), show=args.show)
     ev.report["figures"] = [str(f) for f in figs]
     write_report(out, ev.report)
     print(summary_table(ev.report))
     print(f"\nreport: {out}\nplots: {', '.join(str(f) for f in figs)}")
+    return 0
+
+
+def compare_main(args, paths) -> int:
+    from paintsim.errors import UserError
+    from paintsim.evaluation import EvalConfig
+    from paintsim.evaluation.compare import (compare, comparison_table, read_comparison,
+                                             save_comparison_figure, write_comparison)
+
+    out = Path(args.output) if args.output else paths.root / "comparison.json"
+    if args.print_report:
+        print(comparison_table(read_comparison(out)))
+        return 0
+    if args.neighbours:
+        raise UserError("--neighbours and --compare: name the tables in --compare instead")
+    comparison = compare(args.data_dir, args.compare, config_from_args(EvalConfig, args))
+    fig_path = (Path(args.output).with_suffix(".png") if args.output else paths.figures_dir / "comparison.png")
+    fig = save_comparison_figure(comparison, fig_path, show=args.show)
+    comparison["figure"] = str(fig)
+    write_comparison(out, comparison)
+    print(comparison_table(comparison))
+    print(f"\ncomparison: {out}\nplot: {fig}")
     return 0
 
 

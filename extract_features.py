@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Stage 3: embed every downloaded painting with a pretrained torchvision backbone.
+"""Stage 3: embed every downloaded painting with a pretrained torchvision backbone (or several, fused).
 
 Reads <data-dir>/manifest.csv (rows with status ok) or every file of --images-dir, and writes
-<data-dir>/features.npy (float32 [N, D], rows L2-normalised), image_names.npy (the file name of each
-row), features_meta.json (backbone, weights, preprocessing, versions) and features_errors.csv
-(images that could not be read, with the reason). Progress is kept in <data-dir>/features_progress/:
-a killed run resumes, and a rerun after new downloads embeds only the new images.
+features.npy (float32 [N, D], rows L2-normalised), image_names.npy (the file name of each row),
+features_meta.json (backbone, weights, preprocessing, versions) and features_errors.csv (images
+that could not be read, with the reason) into --output-dir (default: the data dir). Progress is kept
+in <output-dir>/features_progress/: a killed run resumes, and a rerun after new downloads embeds only
+the new images.
+
+Fusion: --backbone resnet101,efficientnet_b3,vit_b_16 embeds with each model (each with its own
+progress in features_progress/models/<backbone>/), weights each model's unit row by its
+--fusion-weights value, concatenates them, optionally projects onto --pca N principal components
+of the collection (--whiten divides each by its standard deviation; the PCA is saved as
+features_pca.npz) and L2-normalises (docs/fusion.md). --weights stays the source of the weights
+(one value for all models, or one per model); the blend weights are --fusion-weights.
 
 Weights: the backbone's torchvision ImageNet weights, downloaded once into torchvision's cache
 ($TORCH_HOME/hub/checkpoints). The offline demo uses --backbone mobilenet_v2 (weights shipped by
@@ -14,23 +22,46 @@ Weights: the backbone's torchvision ImageNet weights, downloaded once into torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 from paintsim.backbones import BACKBONES, DEFAULT_BACKBONE
 from paintsim.cli import add_device_arg, config_from_args, int_range, make_parser, run_main
 from paintsim.embedder import PRECISIONS
+from paintsim.errors import UserError
 from paintsim.extract import DEFAULT_CHUNK_SIZE, ExtractConfig, extract_features
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, prog="extract_features.py", locked=True)
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list(BACKBONES),
-                   help="torchvision model whose pooled penultimate feature is the embedding")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME[,NAME...]",
+                   help="torchvision model whose pooled penultimate feature is the embedding, one of "
+                        f"{', '.join(BACKBONES)}; or a comma list of them, fused into one embedding "
+                        "(see --fusion-weights, --pca, docs/fusion.md); NAME:letterbox or NAME:crop sets one "
+                        "model's preprocessing whatever --no-crop says (mobilenet_v2,mobilenet_v2:letterbox)")
     p.add_argument("--weights", default="default",
-                   help="'default' (the backbone's torchvision ImageNet weights, downloaded once into "
-                        "$TORCH_HOME/hub/checkpoints), another weights name of that backbone (e.g. "
-                        "IMAGENET1K_V1), a local state-dict file (loaded with weights_only=True, keys "
-                        "matched strictly), or 'none' (random weights: tests only)")
+                   help="where the weights come from: 'default' (the backbone's torchvision ImageNet weights, "
+                        "downloaded once into $TORCH_HOME/hub/checkpoints), another weights name of that "
+                        "backbone (e.g. IMAGENET1K_V1), a local state-dict file (loaded with "
+                        "weights_only=True, keys matched strictly), or 'none' (random weights: tests only). "
+                        "With several backbones: one value for all, or a comma list in --backbone order")
+    p.add_argument("--fusion-weights", default="1", metavar="W[,W...]",
+                   help="blend weight of each fused model (positive numbers): one value for all, or a comma "
+                        "list in --backbone order; each model's unit embedding is multiplied by its weight "
+                        "before concatenation, so without --pca cosine = sum w^2 cos_m / sum w^2 (no effect "
+                        "with one backbone). Not --weights, which says where the weights come from")
+    p.add_argument("--pca", type=int_range(0), default=0, metavar="N",
+                   help="project the fused rows onto the N leading principal components of the collection "
+                        "(fitted in float64, saved as features_pca.npz; at most min(images - 1, fused "
+                        "dimension)); 0 = no PCA. With one backbone it makes a one-model fusion")
+    p.add_argument("--whiten", action="store_true",
+                   help="with --pca: divide each component by its standard deviation before normalising")
+    p.add_argument("--output-dir", default=None,
+                   help="folder for features.npy, image_names.npy, features_meta.json, features_errors.csv, "
+                        "features_pca.npz and features_progress/ (default None: the --data-dir); the manifest "
+                        "and images still come from --data-dir, so several feature sets of one collection "
+                        "can sit side by side (e.g. data/sets/<name>)")
     p.add_argument("--crop", choices=("none", "faces"), default="none",
                    help="faces: embed each painting cropped to the box around its faces (faces.csv of "
                         "extract_faces.py), the whole painting when it has none")
@@ -55,19 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_range(0, 1024), default=0,
                    help="torch compute threads on the CPU (0: one per CPU core)")
     p.add_argument("--chunk-size", type=int_range(1), default=DEFAULT_CHUNK_SIZE,
-                   help="images per progress chunk written to <data-dir>/features_progress/ (a chunk "
+                   help="images per progress chunk written to <output-dir>/features_progress/ (a chunk "
                         "closes at the first batch boundary past this count)")
     p.add_argument("--seed", type=int_range(0), default=0, help="seed of the random weights of --weights none")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.whiten and not args.pca:
+        raise UserError("--whiten needs --pca N: whitening divides each principal component by its "
+                        "standard deviation")
     cfg = config_from_args(ExtractConfig, args)
-    s = extract_features(cfg)
+    with contextlib.ExitStack() as stack:
+        out = args.output_dir
+        if out and Path(out).resolve() != Path(args.data_dir).resolve():
+            from paintsim.locks import stage_lock  # the data dir is locked by run_main; the outputs too
+
+            stack.enter_context(stage_lock(out, "extract_features", wait=args.wait_for_lock))
+        s = extract_features(cfg)
     rate = f", {s['images_per_s']} images/s" if s["images_per_s"] else ""
+    fused = ""
+    if s.get("fusion"):  # counts and rate are of (image, model) embeddings
+        rate = rate.replace("images/s", "embeddings/s")
+        f = s["fusion"]
+        pca = f["pca"]
+        n_models = len(s['backbone'].split('+'))
+        fused = (f"; fusion of {n_models} model{'s' if n_models > 1 else ''} (blend {', '.join(f'{w:g}' for w in f['blend_weights'])}"
+                 f", {f['input_dimension']}-dim" + (f", PCA {pca['dimension']}{' whitened' if pca['whiten'] else ''}"
+                                                    f" keeping {100 * pca['explained_variance_ratio_total']:.1f} % "
+                                                    "of the variance" if pca else "") + ")")
     print(f"features: {s['rows']} x {s['dimension']} ({s['backbone']}, {s['weights']}, {s['preprocessing']}) "
           f"-> {s['features']}; embedded {s['embedded']} new, reused {s['reused']}, skipped {s['errors']} "
-          f"unreadable (see features_errors.csv) in {s['seconds']} s on {s['device']}{rate}"
+          f"unreadable (see features_errors.csv) in {s['seconds']} s on {s['device']}{rate}{fused}"
           + (" [already up to date]" if s["up_to_date"] else ""))
     return 0
 

@@ -12,6 +12,10 @@ Writes <data-dir>/top_{k}_similar.npy (or --output) and its side record top_{k}_
 (rows of image_names.npy) and `score` float32 [k]. --compare-with TABLE says how far another
 route's table (the matrix route's top_{k}_from_matrix.npy) agrees with this one.
 Memory: the features plus one tile (--memory-budget or --block-size).
+--boost FIELD=W,... re-ranks by metadata as well (final = (1 - mix) x cosine + mix x the summed
+weights of the manifest fields two paintings share; exact: enough candidates are scored that no
+neighbour can be missed, docs/boost.md) and writes top_{k}_boosted.npy, which later stages read only
+when named (evaluate_unsupervised.py --neighbours).
 --faces (or --poses) does the same for the faces of extract_faces.py (the poses of
 extract_poses.py): every face's nearest faces in other paintings, top_{k}_faces.npy.
 """
@@ -22,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from paintsim.cli import add_device_arg, add_k_arg, int_range, make_parser, memory_size, output_file, run_main
+from paintsim.cli import add_device_arg, add_k_arg, float_range, int_range, make_parser, memory_size, output_file, run_main
 from paintsim.knn import METHODS
 
 
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="neighbours of every face among the faces of other paintings (top_{k}_faces.npy)")
     kind.add_argument("--poses", action="store_true",
                       help="neighbours of every pose among the poses of other paintings (top_{k}_poses.npy)")
+    p.add_argument("--boost", default=None, metavar="FIELD=W[,FIELD=W...]",
+                   help="metadata boost, off by default: manifest columns (or decade / century, from "
+                        "displaydate) and their weights, e.g. attribution=0.3,medium=0.1; writes "
+                        "top_{k}_boosted.npy (paintings only)")
+    p.add_argument("--boost-mix", type=float_range(0, 1, lo_open=True), default=0.3,
+                   help="weight of the metadata score in the final score (the cosine gets 1 - mix)")
     p.add_argument("--compare-with", default=None, metavar="TABLE",
                    help="another route's neighbour table (e.g. <data-dir>/top_10_from_matrix.npy): "
                         "print how far it agrees with this one")
@@ -58,22 +68,42 @@ def main(args: argparse.Namespace) -> int:
     from paintsim.embeddings import Embeddings
     from paintsim.knn import top_k_neighbors, top_k_other_groups
     from paintsim.matrix import SCORE_TOLERANCE
-    from paintsim.neighbours import compare_tables, load_table, save_table
+    from paintsim.errors import UserError
+    from paintsim.neighbours import boosted_path, compare_tables, load_table, save_table
 
     kind = "faces" if args.faces else "poses" if args.poses else "paintings"
+    if args.boost and kind != "paintings":
+        raise UserError("--boost re-ranks paintings by their metadata; drop it with --faces / --poses")
     emb = Embeddings.load(args.data_dir, mmap=False, kind=kind)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     opts = dict(device=device, block_size=args.block_size, progress=not args.no_progress, method=args.method,
                 memory_budget=args.memory_budget)
-    if kind == "paintings":
+    boost_record = None
+    if args.boost:
+        from paintsim.boost import Boost, boosted_top_k, field_codes
+
+        boost = Boost.parse(args.boost, args.boost_mix)
+        codes = field_codes(emb.paths, emb.names, boost)
+        index, score, stats = boosted_top_k(emb.features, codes, boost, args.k, device=device,
+                                            progress=not args.no_progress)
+        boost_record = dict(boost.to_record(), candidates=stats)
+    elif kind == "paintings":
         index, score = top_k_neighbors(emb.features, args.k, **opts)
     else:  # a face's neighbours are faces of other paintings
         groups = [emb.image_name(i) for i in range(len(emb))]
         index, score = top_k_other_groups(emb.features, groups, args.k, **opts)
     seconds = time.perf_counter() - t0
-    out = Path(args.output) if args.output else emb.paths.neighbors(args.k)
-    save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method)
+    if boost_record:
+        out = Path(args.output) if args.output else boosted_path(emb.paths, args.k)
+        save_table(out, index, score, route="boosted", features_sha256=emb.sha256, boost=boost_record)
+        c = boost_record["candidates"]
+        print(f"boost {args.boost} (mix {args.boost_mix}): scored {c['mean_candidates']:.1f} candidates per "
+              f"painting on average ({c['candidates_beyond_k']:.1f} beyond k, at most {c['max_candidates']}; "
+              f"{c['rows_widened']} paintings needed a wider search) - exact")
+    else:
+        out = Path(args.output) if args.output else emb.paths.neighbors(args.k)
+        save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method)
     n = len(index)
     print(f"top-{args.k} neighbours of {n} {kind} ({emb.dim}-d) -> {out} in "
           f"{seconds:.1f} s on {device} ({n / max(seconds, 1e-9):.0f} rows/s)")

@@ -107,6 +107,11 @@ class DataPaths:
         return self.root / KINDS[self.kind][4]
 
     @property
+    def features_pca(self) -> Path:
+        """The PCA a fused extraction projected its rows through (``paintsim.fusion``; paintings only)."""
+        return self.root / "features_pca.npz"
+
+    @property
     def table_suffix(self) -> str:
         return KINDS[self.kind][5]
 

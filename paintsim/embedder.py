@@ -165,14 +165,23 @@ class Embedder:
         return cls(model, spec, resolved, pre, dev, prec, channels_last, batch_size)
 
     @classmethod
-    def from_meta(cls, meta: dict, device: str = "auto", weights: str | None = None) -> "Embedder":
+    def from_meta(cls, meta: dict, device: str = "auto", weights: str | None = None,
+                  data_dir: str | Path | None = None) -> "Embedder":
         """Rebuild the model and preprocessing recorded in ``features_meta.json``.
 
         ``weights`` overrides where the weights are read from (needed when the features were made
         from a local file that has since moved); by default the recorded source is used with the
         same resolution rules as extraction (torchvision cache + download, the recorded file, or
         seeded random weights).
+
+        A meta with ``fusion`` (several backbones, ``extract_features.py --backbone a,b``) gives a
+        :class:`paintsim.fusion.FusedEmbedder` with the same interface (``weights`` then one value
+        per model, comma-separated); its PCA, if any, is read from ``data_dir/features_pca.npz``.
         """
+        if isinstance(meta, dict) and "fusion" in meta:
+            from .fusion import FusedEmbedder
+
+            return FusedEmbedder.from_meta(meta, device=device, weights=weights, data_dir=data_dir)  # type: ignore[return-value]
         try:
             backbone = meta["backbone"]
             wmeta = meta["weights"]
@@ -213,12 +222,13 @@ class Embedder:
 
     @classmethod
     def for_collection(cls, emb, device: str = "auto", weights: str | None = None) -> "Embedder":
-        """The embedder that made ``emb`` (an ``Embeddings``), checked to give rows of its dimension."""
+        """The embedder that made ``emb`` (an ``Embeddings``), checked to give rows of its dimension
+        (a :class:`paintsim.fusion.FusedEmbedder` for fused features, with the PCA beside them)."""
         if not emb.meta:
             raise UserError(f"{emb.paths.features_meta} is missing: it records the backbone, weights and "
                             "preprocessing needed to embed an image like the collection; rerun "
                             "extract_features.py")
-        embedder = cls.from_meta(emb.meta, device=device, weights=weights)
+        embedder = cls.from_meta(emb.meta, device=device, weights=weights, data_dir=emb.paths.root)
         if embedder.dim != emb.dim:
             raise UserError(f"the embedder gives {embedder.dim} features but {emb.paths.features} has "
                             f"{emb.dim}: features_meta.json does not describe features.npy")

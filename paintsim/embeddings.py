@@ -154,12 +154,25 @@ class Embeddings:
 
     @property
     def images_dir(self) -> Path:
-        """The folder holding the images behind the rows: ``images/``, or the folder of
-        ``extract_features.py --images-dir`` recorded in the meta (``source = images-dir:<path>``)."""
+        """The folder holding the images behind the rows: ``images/``, the folder of
+        ``extract_features.py --images-dir`` recorded in the meta (``source = images-dir:<path>``),
+        or the ``images/`` of the data dir whose manifest was embedded into another folder
+        (``extract_features.py --output-dir``: ``source = manifest:<data dir>``)."""
         source = str(self.meta.get("source", ""))
         if source.startswith("images-dir:"):
             return Path(source[len("images-dir:"):])
+        if source.startswith("manifest:"):
+            return DataPaths.of(source[len("manifest:"):]).images_dir
         return self.paths.images_dir
+
+    @property
+    def data_dir(self) -> Path:
+        """The data dir whose manifest the rows came from (the features' own folder unless
+        ``extract_features.py --output-dir`` put them elsewhere: ``source = manifest:<data dir>``)."""
+        source = str(self.meta.get("source", ""))
+        if source.startswith("manifest:"):
+            return Path(source[len("manifest:"):])
+        return self.paths.root
 
     def image_path(self, row: int) -> Path:
         """The image of a row: only the basename of its name is ever joined to the folder."""

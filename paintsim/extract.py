@@ -5,9 +5,16 @@ DataLoader workers and embedded by :class:`~paintsim.embedder.Embedder`. Finishe
 chunk files under ``features_progress/`` (written atomically at batch boundaries), so a killed run
 resumes and gives the same arrays as an uninterrupted one, and a rerun after new downloads only
 embeds the new images. The outputs are written by :func:`paintsim.embeddings.write_embeddings`.
+
+:func:`embed_items` is the one embedding loop (one :class:`~paintsim.embedder.Embedder`, one
+progress store). A single backbone uses it once, with ``features_progress/`` itself as its store; a
+fusion (several backbones, or ``pca``; :mod:`paintsim.fusion`) uses it once per model, each with its
+own store ``features_progress/models/<backbone>/``, then fuses the rows. ``output_dir`` puts the
+outputs and the progress in another folder than the data dir whose manifest and images are read.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -204,8 +211,8 @@ class ProgressStore:
 class ExtractConfig:
     data_dir: str = "data"
     images_dir: str | None = None
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = "default"
+    backbone: str = DEFAULT_BACKBONE      # one name, or a comma list of names to fuse
+    weights: str | None = "default"       # weights source: one for all, or a comma list (fusion)
     no_crop: bool = False
     batch_size: int = 0             # 0: auto (CPU_BATCH_SIZE / CUDA_BATCH_SIZE)
     workers: int = -1               # -1: auto (1 on the CPU, min(8, cores) on CUDA)
@@ -217,6 +224,10 @@ class ExtractConfig:
     seed: int = 0
     progress: bool = True
     crop: str = "none"              # none | faces (the box around the faces of faces.csv)
+    fusion_weights: str | None = "1"    # blend weights of the fused models (one for all, or a comma list)
+    pca: int = 0                    # fused rows projected onto this many principal components (0: none)
+    whiten: bool = False            # divide each PCA component by its standard deviation
+    output_dir: str | None = None   # where the outputs and progress go (default: data_dir)
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -236,7 +247,8 @@ def _write_errors_csv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def _outputs_current(paths: DataPaths, fingerprint: str, names: list[str]) -> bool:
-    """The outputs on disk are this configuration's, for these images, and whole (checksums)."""
+    """The outputs on disk are this configuration's, for these images, and whole (checksums,
+    the PCA file's included)."""
     if not paths.features_meta.exists():
         return False
     try:
@@ -244,37 +256,67 @@ def _outputs_current(paths: DataPaths, fingerprint: str, names: list[str]) -> bo
     except (OSError, UserError) as exc:
         log.info("rewriting the outputs: %s", exc)
         return False
-    return emb.meta.get("fingerprint") == fingerprint and emb.names.tolist() == names
+    if emb.meta.get("fingerprint") != fingerprint or emb.names.tolist() != names:
+        return False
+    pca = (emb.meta.get("fusion") or {}).get("pca") if isinstance(emb.meta.get("fusion"), dict) else None
+    if pca:
+        from .fusion import file_sha256
+
+        if not paths.features_pca.is_file() or file_sha256(paths.features_pca) != pca.get("sha256"):
+            log.info("rewriting the outputs: %s is missing or changed", paths.features_pca)
+            return False
+    return True
 
 
-def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
-    """Run the stage; return the summary (also logged)."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """What every extraction shares: where things are, the items, the device settings, the crop."""
 
+    paths: DataPaths                # the data dir: manifest, images, faces.csv
+    out: DataPaths                  # where the outputs and progress go (--output-dir)
+    items: list[Item]
+    source: str
+    device: str
+    threads: int
+    batch_size: int
+    workers: int
+    faces: dict | None
+    crop_meta: dict[str, Any]
+    crop_digest: str | None
+
+    def fingerprint(self, embedder_fingerprint: str) -> str:
+        """The progress fingerprint of one model: its embedding's, plus the face crop when asked."""
+        if self.crop_digest is None:
+            return embedder_fingerprint
+        return hashlib.sha256(f"{embedder_fingerprint}:faces:{self.crop_digest}".encode()).hexdigest()[:16]
+
+
+def _prepare(cfg: ExtractConfig) -> _Run:
     if cfg.batch_size < 0:
         raise BadValue("batch_size", cfg.batch_size, "must be at least 1, or 0 for auto")
     if cfg.workers < -1:
         raise BadValue("workers", cfg.workers, "must be 0 or more, or -1 for auto")
     if cfg.chunk_size < 1:
         raise BadValue("chunk_size", cfg.chunk_size, "must be at least 1")
+    if cfg.crop not in ("none", "faces"):
+        raise BadValue("crop", cfg.crop, "must be none or faces")
     paths = DataPaths.of(cfg.data_dir)
+    out = DataPaths.of(cfg.output_dir) if cfg.output_dir else paths
     items = items_from_dir(cfg.images_dir) if cfg.images_dir else items_from_manifest(paths)
-    source = f"images-dir:{Path(cfg.images_dir).resolve()}" if cfg.images_dir else "manifest"
+    if cfg.images_dir:
+        source = f"images-dir:{Path(cfg.images_dir).resolve()}"
+    elif out.root.resolve() != paths.root.resolve():
+        source = f"manifest:{paths.root.resolve()}"  # Embeddings.images_dir finds the images from here
+    else:
+        source = "manifest"
     if not items:
         raise UserError(f"nothing to extract: {'--images-dir ' + str(cfg.images_dir) if cfg.images_dir else str(paths.manifest)} "
                         "lists no images")
-
     device = resolve_device(cfg.device)
     threads = configure_threads(cfg.threads, device)
     batch_size = cfg.batch_size or (CUDA_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE)
     workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
-    emb = Embedder.create(cfg.backbone, cfg.weights, cfg.no_crop, device, cfg.precision, cfg.channels_last,
-                          cfg.seed, batch_size, progress=cfg.progress)
-    fingerprint = emb.fingerprint()
-    faces, crop_meta = None, {"mode": "none"}
-    if cfg.crop not in ("none", "faces"):
-        raise BadValue("crop", cfg.crop, "must be none or faces")
+    faces, crop_meta, digest = None, {"mode": "none"}, None
     if cfg.crop == "faces":
         from .faces import faces_csv, read_faces_csv
 
@@ -286,10 +328,34 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
         with_faces = sum(1 for it in items if faces.get(it.name))
         crop_meta = {"mode": "faces", "margin": 0.3, "faces_csv_sha256": digest, "images_with_faces": with_faces,
                      "whole_painting_fallbacks": len(items) - with_faces}
-        fingerprint = hashlib.sha256(f"{fingerprint}:faces:{digest}".encode()).hexdigest()[:16]
         log.info("--crop faces: %d of %d images cropped to their faces, the others embedded whole",
                  with_faces, len(items))
-    store = ProgressStore(paths.features_progress_dir, fingerprint, emb.dim)
+    return _Run(paths, out, items, source, device, threads, batch_size, workers, faces, crop_meta, digest)
+
+
+@dataclass
+class EmbedResult:
+    """One model's pass over the items: its store (every finished row and error) and the counts."""
+
+    store: ProgressStore
+    fingerprint: str
+    embedded: int
+    reused: int
+    todo: int
+    seconds: float
+
+
+def embed_items(emb: Embedder, items: Sequence[Item], store_dir: Path, fingerprint: str, *, device: str,
+                batch_size: int, workers: int, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True,
+                faces: dict | None = None, source: str = "", threads: int = 0) -> EmbedResult:
+    """Embed every item not yet in the progress store ``store_dir`` (of ``fingerprint``) with ``emb``,
+    in DataLoader batches, writing chunks as it goes (a kill keeps whole batches); return the store.
+
+    The one embedding loop of the stage: a single backbone and every model of a fusion go through it."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    store = ProgressStore(store_dir, fingerprint, emb.dim)
     store.load()
     todo = [it for it in items if not store.done(it)]
     reused = len(items) - len(todo)
@@ -306,7 +372,8 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
                             prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
         pend_f: list[tuple[Item, np.ndarray]] = []
         pend_e: list[tuple[Item, str]] = []
-        bar = tqdm(total=len(todo), unit="img", disable=not cfg.progress, desc="embedding", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"embedding ({emb.spec.name})",
+                   dynamic_ncols=True)
         try:
             for idx, batch, errors in loader:
                 for i, msg in errors:
@@ -323,7 +390,7 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
                             pend_f.append((todo[i], row))
                             embedded += 1
                 bar.update(len(idx) + len(errors))
-                if len(pend_f) + len(pend_e) >= cfg.chunk_size:
+                if len(pend_f) + len(pend_e) >= chunk_size:
                     store.write_chunk(pend_f, pend_e)
                     pend_f, pend_e = [], []
         except KeyboardInterrupt:
@@ -333,8 +400,11 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
             store.write_chunk(pend_f, pend_e)
         finally:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    return EmbedResult(store, fingerprint, embedded, reused, len(todo), time.perf_counter() - t0)
 
+
+def _collect(store: ProgressStore, items: Sequence[Item]) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
+    """(names, rows, error rows) of the items, in item order, from a complete store."""
     names: list[str] = []
     rows: list[np.ndarray] = []
     error_rows: list[tuple[str, str]] = []
@@ -345,16 +415,54 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
             rows.append(store.features[key])
         else:
             error_rows.append((it.file, store.errors.get(key, "not processed")))
+    return names, rows, error_rows
+
+
+def _remove_stale_pca(out: DataPaths) -> None:
+    """A PCA file left by an earlier fused run describes no current features: remove it."""
+    if out.kind == "paintings" and out.features_pca.exists():
+        log.info("removing %s: the current features use no PCA", out.features_pca)
+        out.features_pca.unlink()
+
+
+def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
+    """Run the stage; return the summary (also logged). Several backbones (a comma list), or a PCA,
+    make a fused extraction (:mod:`paintsim.fusion`); one backbone alone is the plain one."""
+    from .fusion import parse_models
+
+    models = parse_models(cfg.backbone, cfg.weights, cfg.fusion_weights)
+    if cfg.pca < 0:
+        raise BadValue("pca", cfg.pca, "must be 0 (no PCA) or a number of components")
+    if cfg.whiten and not cfg.pca:
+        raise BadValue("whiten", cfg.whiten, "whitening needs a PCA (pca = the number of components)")
+    run = _prepare(cfg)
+    if len(models) > 1 or cfg.pca:
+        return _extract_fused(cfg, run, models)
+    if models[0].letterbox is not None:
+        cfg = dataclasses.replace(cfg, no_crop=models[0].letterbox)
+    return _extract_single(cfg, run, models[0].backbone)
+
+
+def _extract_single(cfg: ExtractConfig, run: _Run, backbone: str) -> dict[str, Any]:
+    paths, items = run.out, run.items
+    emb = Embedder.create(backbone, cfg.weights, cfg.no_crop, run.device, cfg.precision, cfg.channels_last,
+                          cfg.seed, run.batch_size, progress=cfg.progress)
+    fingerprint = run.fingerprint(emb.fingerprint())
+    res = embed_items(emb, items, paths.features_progress_dir, fingerprint, device=run.device,
+                      batch_size=run.batch_size, workers=run.workers, chunk_size=cfg.chunk_size,
+                      progress=cfg.progress, faces=run.faces, source=run.source, threads=run.threads)
+    store = res.store
+    names, rows, error_rows = _collect(store, items)
     if not rows:
         _write_errors_csv(paths.features_errors, error_rows)
         raise UserError(f"none of the {len(items)} image(s) could be read; see {paths.features_errors}")
 
-    if todo or not _outputs_current(paths, fingerprint, names):
+    if res.todo or not _outputs_current(paths, fingerprint, names):
         meta = emb.meta
-        meta.update({"errors": len(error_rows), "source": source, "fingerprint": fingerprint,
+        meta.update({"errors": len(error_rows), "source": run.source, "fingerprint": fingerprint,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "meta_version": META_VERSION, "threads": threads, "workers": workers, "crop": crop_meta,
-                     **cfg.extra_meta})
+                     "meta_version": META_VERSION, "threads": run.threads, "workers": run.workers,
+                     "crop": run.crop_meta, **cfg.extra_meta})
         # the old outputs stay valid until the new ones are whole (checksums in the meta)
         write_embeddings(paths, np.stack(rows), names, meta)
         _write_errors_csv(paths.features_errors, error_rows)
@@ -363,10 +471,148 @@ def extract_features(cfg: ExtractConfig) -> dict[str, Any]:
     else:
         log.info("outputs are up to date: nothing to write")
         up_to_date = True
+    _remove_stale_pca(paths)
 
-    summary = {"images": len(items), "embedded": embedded, "reused": reused, "errors": len(error_rows),
+    summary = {"images": len(items), "embedded": res.embedded, "reused": res.reused, "errors": len(error_rows),
                "rows": len(names), "dimension": emb.dim, "backbone": emb.spec.name, "weights": emb.weights.id,
-               "preprocessing": emb.preprocessing.mode, "device": device, "seconds": round(elapsed, 2),
-               "images_per_s": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
+               "preprocessing": emb.preprocessing.mode, "device": run.device, "seconds": round(res.seconds, 2),
+               "images_per_s": round(res.todo / res.seconds, 1) if res.todo and res.seconds > 0 else None,
                "up_to_date": up_to_date, "features": str(paths.features)}
     return summary
+
+
+def _extract_fused(cfg: ExtractConfig, run: _Run, models) -> dict[str, Any]:
+    """Each model embedded with its own progress (``features_progress/models/<backbone>/``), then
+    fused (:func:`paintsim.fusion.fuse`), through a PCA of the collection when asked."""
+    import gc
+
+    from . import fusion
+    from .backbones import get_spec
+
+    paths, items = run.out, run.items
+    blends = [m.blend for m in models]
+    in_dim = sum(get_spec(m.backbone).dim for m in models)
+    if cfg.pca:  # before hours of embedding: the PCA cannot have more components than images or features
+        fusion.check_pca_size(cfg.pca, len(items), in_dim)
+
+    entries: list[dict[str, Any]] = []       # the recipe, one entry per model in --backbone order
+    model_fps: list[str] = []                # each model's progress fingerprint, in --backbone order
+    results: dict[str, EmbedResult] = {}     # fingerprint -> its pass (a model named twice runs once)
+    labels: dict[str, str] = {}              # fingerprint -> the model's name in error messages
+    dirs: dict[str, str] = {}                # progress folder name -> fingerprint
+    first_meta: dict[str, Any] = {}
+    per_model: list[dict[str, Any]] = []
+    for m in models:
+        letterbox = cfg.no_crop if m.letterbox is None else m.letterbox
+        emb = Embedder.create(m.backbone, m.weights, letterbox, run.device, cfg.precision, cfg.channels_last,
+                              cfg.seed, run.batch_size, progress=cfg.progress)
+        fp = run.fingerprint(emb.fingerprint())
+        emeta = emb.meta
+        first_meta = first_meta or emeta
+        entries.append(fusion.model_entry(emeta, m.blend))
+        model_fps.append(fp)
+        if fp not in results:
+            name = m.backbone if dirs.get(m.backbone, fp) == fp else f"{m.backbone}-{fp[:8]}"
+            dirs[name] = fp
+            labels[fp] = name
+            res = embed_items(emb, items, paths.features_progress_dir / "models" / name, fp, device=run.device,
+                              batch_size=run.batch_size, workers=run.workers, chunk_size=cfg.chunk_size,
+                              progress=cfg.progress, faces=run.faces, source=f"{run.source} [{name}]",
+                              threads=run.threads)
+            results[fp] = res
+            per_model.append({"backbone": m.backbone, "progress": name, "embedded": res.embedded,
+                              "reused": res.reused, "seconds": round(res.seconds, 2)})
+        del emb
+        gc.collect()
+        if run.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # an image is a row of the fusion only when every model embedded it
+    distinct = list(results)
+    names: list[str] = []
+    rows: dict[str, list[np.ndarray]] = {fp: [] for fp in distinct}
+    error_rows: list[tuple[str, str]] = []
+    for it in items:
+        key = (it.name, it.size, it.mtime_ns)
+        failed = [fp for fp in distinct if key not in results[fp].store.features]
+        if failed:
+            error_rows.append((it.file, "; ".join(
+                f"[{labels[fp]}] {results[fp].store.errors.get(key, 'not processed')}" for fp in failed)))
+            continue
+        names.append(it.name)
+        for fp in distinct:
+            rows[fp].append(results[fp].store.features[key])
+    if not names:
+        _write_errors_csv(paths.features_errors, error_rows)
+        raise UserError(f"none of the {len(items)} image(s) could be embedded by every model; see "
+                        f"{paths.features_errors}")
+    if cfg.pca:
+        fusion.check_pca_size(cfg.pca, len(names), in_dim)
+
+    fingerprint = fusion.recipe_fingerprint(model_fps, blends, cfg.pca, cfg.whiten)
+    todo = sum(r.todo for r in results.values())
+    if todo or not _outputs_current(paths, fingerprint, names):
+        arrays = {fp: np.stack(rows[fp]) for fp in distinct}
+        del rows
+        parts = [arrays[fp] for fp in model_fps]
+        n = len(names)
+        step = fusion.block_rows(in_dim)
+
+        def blocks():
+            for s in range(0, n, step):
+                yield fusion.weighted_concat([p[s:s + step] for p in parts], blends)
+
+        pca, pca_info = None, None
+        if cfg.pca:
+            fitted, method = fusion.fit_pca(blocks, n, in_dim, cfg.pca, cfg.whiten)
+            # written before the features, so the meta's checksum names it; projected through the file
+            # as read back, exactly as an outside image will be
+            sha = fusion.save_pca(paths.features_pca, fitted)
+            pca = fusion.load_pca(paths.features_pca, sha256=sha)
+            pca_info = fusion.pca_meta(pca, sha, method, n)
+            log.info("PCA %d -> %d (%s%s): %.1f %% of the variance", in_dim, pca.n_components, method,
+                     ", whitened" if pca.whiten else "", 100 * pca_info["explained_variance_ratio_total"])
+        fused = np.concatenate([fusion.fuse([p[s:s + step] for p in parts], blends, pca)
+                                for s in range(0, n, step)])
+        bad = np.nonzero(~np.isfinite(fused).all(axis=1))[0]
+        if len(bad):  # a row that the projection sends to zero has no direction
+            drop = set(bad.tolist())
+            by_name = {it.name: it for it in items}
+            error_rows += [(by_name[names[i]].file, f"{by_name[names[i]].file}: the fused projection is zero "
+                            "(no direction)") for i in sorted(drop)]
+            keep = np.array([i not in drop for i in range(n)])
+            fused, names = fused[keep], [nm for i, nm in enumerate(names) if i not in drop]
+        dim = int(fused.shape[1])
+        meta = fusion.fused_meta(entries, first_meta, pca_info, dim)
+        meta.update({"errors": len(error_rows), "source": run.source, "fingerprint": fingerprint,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "meta_version": META_VERSION, "threads": run.threads, "workers": run.workers,
+                     "crop": run.crop_meta, **cfg.extra_meta})
+        write_embeddings(paths, fused, names, meta)
+        _write_errors_csv(paths.features_errors, error_rows)
+        for fp in distinct:
+            results[fp].store.compact(items)
+        up_to_date = False
+    else:
+        log.info("outputs are up to date: nothing to write")
+        dim = int(Embeddings.load(paths.root).dim)
+        up_to_date = True
+    if not cfg.pca:
+        _remove_stale_pca(paths)
+
+    seconds = sum(r.seconds for r in results.values())
+    pca_out = None
+    if cfg.pca:
+        recorded = Embeddings.load(paths.root).meta["fusion"]["pca"]
+        pca_out = {k: recorded[k] for k in ("dimension", "whiten", "explained_variance_ratio_total", "method")}
+    return {"images": len(items), "embedded": sum(r.embedded for r in results.values()),
+            "reused": sum(r.reused for r in results.values()), "errors": len(error_rows), "rows": len(names),
+            "dimension": dim, "backbone": "+".join(m.backbone for m in models),
+            "weights": "+".join(e["weights"]["id"] for e in entries),
+            "preprocessing": entries[0]["preprocessing"]["mode"], "device": run.device,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(todo / seconds, 1) if todo and seconds > 0 else None,
+            "up_to_date": up_to_date, "features": str(paths.features),
+            "fusion": {"models": per_model, "blend_weights": blends, "input_dimension": in_dim, "pca": pca_out}}

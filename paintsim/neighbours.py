@@ -4,8 +4,10 @@ The table is a structured array of N records, ``index`` int32 ``[k]`` (rows of
 ``image_names.npy``) and ``score`` float32 ``[k]``, descending, self excluded. Two routes write
 one: ``optimized_similarity.py`` streams it from the features (``top_{k}_similar.npy``, route
 ``streamed``, exact float32 scores) and ``extract_top_10.py`` reads it from the full matrix
-(``top_{k}_from_matrix.npy``, route ``matrix``, scores as stored, float16 by default). The side
-record says which route wrote it, for which features (SHA-256) and when.
+(``top_{k}_from_matrix.npy``, route ``matrix``, scores as stored, float16 by default), and
+``optimized_similarity.py --boost`` re-ranks by metadata (``top_{k}_boosted.npy``, route
+``boosted``, final scores; see :mod:`paintsim.boost`). The side record says which route wrote it,
+for which features (SHA-256), when, and for a boosted table the boost.
 
 Every stage that needs neighbours finds the table by one rule, :func:`find_table`: among the
 tables with at least k neighbours per row computed from the current features, the streamed route
@@ -29,10 +31,12 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 FIELDS = ("index", "score")
-ROUTES = ("streamed", "matrix")
-_NAME_RE = re.compile(r"top_(\d+)_(similar|from_matrix|faces|poses)\.npy")
-_ROUTE_OF_NAME = {"similar": "streamed", "from_matrix": "matrix", "faces": "streamed", "poses": "streamed"}
-#: The table names each kind of item may use (``DataPaths.kind``).
+ROUTES = ("streamed", "matrix", "boosted")
+_NAME_RE = re.compile(r"top_(\d+)_(similar|from_matrix|faces|poses|boosted)\.npy")
+_ROUTE_OF_NAME = {"similar": "streamed", "from_matrix": "matrix", "faces": "streamed", "poses": "streamed",
+                  "boosted": "boosted"}
+#: The table names each kind of item may use (``DataPaths.kind``). A boosted table
+#: (``top_{k}_boosted.npy``) is never found by the lookup: it is read only when named (``--neighbours``).
 _SUFFIXES_OF_KIND = {"paintings": ("similar", "from_matrix"), "faces": ("faces",), "poses": ("poses",)}
 
 
@@ -140,6 +144,27 @@ def find_table(paths: DataPaths, k: int, n: int, features_sha256: str) -> Neighb
                         path, record_path(path).name)
         return table
     return None
+
+
+def boosted_path(paths: DataPaths, k: int) -> Path:
+    """Where ``optimized_similarity.py --boost`` writes its table by default."""
+    return paths.root / f"top_{k}_boosted.npy"
+
+
+def named_table(path: str | os.PathLike[str], emb, k: int) -> NeighbourTable:
+    """A table the user named (``--neighbours PATH``), checked against ``emb`` (an ``Embeddings``):
+    the same rows, at least ``k`` neighbours, computed from these features."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--neighbours {path}: no such file")
+    table = load_table(path, len(emb))
+    if table.k < k:
+        raise UserError(f"--neighbours {path} holds {table.k} neighbours per painting, fewer than --k {k}")
+    recorded = table.record.get("features_sha256")
+    if recorded is not None and recorded != emb.sha256:
+        raise UserError(f"--neighbours {path} was computed from other features than {emb.paths.features} "
+                        "(stale); recompute it with optimized_similarity.py")
+    return table
 
 
 def compare_tables(a: NeighbourTable, b: NeighbourTable, features: np.ndarray, tol: float) -> dict:

@@ -193,9 +193,13 @@ def test_cpu_fp16_and_bad_sizes_are_clear_errors(tmp_path):
 def test_help_shows_every_flag_with_its_default():
     out = run_script("extract_features.py", "--help", timeout=60).stdout
     for flag in ("--backbone", "--weights", "--no-crop", "--images-dir", "--batch-size", "--workers",
-                 "--device", "--precision", "--channels-last", "--chunk-size", "--data-dir", "--no-progress"):
+                 "--device", "--precision", "--channels-last", "--chunk-size", "--data-dir", "--no-progress",
+                 "--fusion-weights", "--pca", "--whiten", "--output-dir"):
         assert flag in out
     assert "default: resnet50" in out and "mobilenet_v2" in out
+    flat = " ".join(out.split())
+    for default in ("(default: 1)", "(default: 0)", "(default: default)", "(default None: the --data-dir)"):
+        assert default in flat, default
 
 
 def test_perturbations_are_seeded_and_mild():

@@ -23,7 +23,7 @@ COPY_KS = (1, 3, 5)
 COPY_KINDS = ("crop", "rotate", "jitter", "blur", "jpeg")
 
 
-def copies_section(emb, cfg) -> dict:
+def copies_section(emb, cfg, per_query_out: dict | None = None) -> dict:
     """Embed perturbed copies of a seeded sample and find them among the collection + all copies,
     once per seed of ``cfg.seed``, ``cfg.seed + 1``, ... (``cfg.copy_seeds``): the report is the
     first seed's, with intervals and chance levels, plus the spread over the seeds.
@@ -40,6 +40,8 @@ def copies_section(emb, cfg) -> dict:
     out, per_query = runs[0]
     if per_query is None:
         return out
+    if per_query_out is not None:
+        per_query_out.update(per_query)
     chance = _chance(out)
     out.update(interval_and_chance(per_query, chance, cfg.n_boot, cfg.seed, resampled="originals"))
     done = [(s, pq) for s, (_, pq) in zip(seeds, runs) if pq is not None]

@@ -19,6 +19,9 @@ class Evaluation:
     report: dict
     distributions: dict = field(default_factory=dict)
     figures: list = field(default_factory=list)
+    #: section -> metric -> per-query values (the same queries in every evaluation of one collection
+    #: with one seed, so a comparison can pair them)
+    per_query: dict = field(default_factory=dict)
 
 
 def write_report(path: str | Path, report: dict) -> None:
@@ -146,7 +149,9 @@ def summary_table(report: dict) -> str:
     meta = report.get("features_meta", {})
     lines.append(f"evaluation of {report['data_dir']}: {report['n_images']:,} images, D={report['dim']}"
                  + (f", {meta.get('backbone')}" if meta.get("backbone") else "")
-                 + f"; neighbours from {report.get('neighbours_from', '?')}")
+                 + f"; neighbours from {report.get('neighbours_from', '?')}"
+                 + (f", boosted by {report['neighbours_boost'].get('fields')} (mix {report['neighbours_boost'].get('mix')})"
+                    if report.get("neighbours_boost") else ""))
     rows: list[tuple[str, str, str]] = []
     sim = report["similarity"]
     k = sim["k"]
@@ -168,6 +173,9 @@ def summary_table(report: dict) -> str:
     if "precision@1" in ret:
         ks = [kk for kk in RETRIEVAL_KS if f"precision@{kk}" in ret]
         rows.append((title, "queries with >= 1 other member", f"{ret['n_queries']:,} of {ret['n_images']:,}"))
+        if ret.get("circular"):
+            rows.append(("", "CIRCULAR (--allow-circular)", "the table was boosted by this label: these numbers "
+                         "measure the boost, not the pictures"))
         if "placeholder_excluded" in ret:
             vals = ", ".join(f"{v} x{c}" for v, c in ret.get("placeholder_values", {}).items())
             rows.append(("", "placeholder labels left out (unknown)",

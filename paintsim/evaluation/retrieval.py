@@ -145,9 +145,11 @@ def chance_flags(section: dict) -> list[str]:
 
 
 def retrieval_section(index: np.ndarray, codes: np.ndarray, label_names: list[str],
-                      ks: Sequence[int] = RETRIEVAL_KS, n_boot: int = 1000, seed: int = 0) -> dict:
+                      ks: Sequence[int] = RETRIEVAL_KS, n_boot: int = 1000, seed: int = 0,
+                      per_query_out: dict | None = None) -> dict:
     """precision@k, recall@k, mAP@k over queries whose label has at least one other member, each
-    with a bootstrap interval over the queries and its chance level (a random ranking)."""
+    with a bootstrap interval over the queries and its chance level (a random ranking).
+    ``per_query_out`` receives each metric's per-query values (a comparison pairs them)."""
     n = len(codes)
     counts = np.bincount(codes[codes >= 0], minlength=len(label_names)) if len(label_names) else np.zeros(0, int)
     n_rel = np.where(codes >= 0, counts[np.maximum(codes, 0)] - 1 if len(counts) else 0, 0)
@@ -171,6 +173,8 @@ def retrieval_section(index: np.ndarray, codes: np.ndarray, label_names: list[st
         chance[f"recall@{k}"] = float(metrics.chance_recall_at_k(r, n - 1, k).mean())
         chance[f"mAP@{k}"] = float(metrics.chance_average_precision_at_k(r, n - 1, k).mean())
     out.update({m: float(v.mean()) for m, v in per_query.items()})
+    if per_query_out is not None:
+        per_query_out.update(per_query)
     # what a random ranking would score: expected precision = R / (N - 1)
     out["random_precision"] = float((r / (n - 1)).mean())
     out.update(interval_and_chance(per_query, chance, n_boot, seed, resampled="queries"))
