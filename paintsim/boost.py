@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from . import knn
-from .errors import BadValue
+from .errors import BadValue, UserError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def field_codes(paths, names: Sequence[str], boost: Boost) -> np.ndarray:
             continue
         try:
             codes, _, _ = load_labels(paths, names, field)
-        except Exception as exc:  # a missing column or manifest: name the flag
+        except UserError as exc:  # a missing column or manifest: name the flag
             raise BadValue("boost", field, str(exc)) from None
         out[f] = codes
     return out
@@ -156,7 +156,7 @@ def boosted_top_k(features: np.ndarray, codes: np.ndarray, boost: Boost, k: int,
     n = len(features)
     k = knn.validate_k(k, n)
     weights = np.array([w for _, w in boost.fields], dtype=np.float64)
-    width = min(n - 1, initial or max(2 * k, k + 32))
+    width = first = min(n - 1, initial or max(2 * k, k + 32))
     index, _ = knn.top_k_neighbors(features, width, device=device, progress=progress)
     cand = index.astype(np.int64)
     rows = np.arange(n)
@@ -181,7 +181,7 @@ def boosted_top_k(features: np.ndarray, codes: np.ndarray, boost: Boost, k: int,
         rows = rows[~done]
         width = min(n - 1, 2 * cand.shape[1])
         cand = _candidates(features, rows, width, device)
-    stats = {"k": k, "initial_candidates": int(min(n - 1, initial or max(2 * k, k + 32))),
+    stats = {"k": k, "initial_candidates": int(first),
              "rounds": rounds, "rows_widened": int((scored > scored.min()).sum()),
              "max_candidates": int(scored.max()), "mean_candidates": float(scored.mean()),
              "candidates_beyond_k": float(scored.mean() - k)}

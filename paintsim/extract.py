@@ -418,6 +418,14 @@ def _collect(store: ProgressStore, items: Sequence[Item]) -> tuple[list[str], li
     return names, rows, error_rows
 
 
+def _run_meta(cfg: ExtractConfig, run: _Run, fingerprint: str, n_errors: int) -> dict[str, Any]:
+    """What features_meta.json records about the run itself, beside the model's recipe."""
+    return {"errors": n_errors, "source": run.source, "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "meta_version": META_VERSION, "threads": run.threads, "workers": run.workers,
+            "crop": run.crop_meta, **cfg.extra_meta}
+
+
 def _remove_stale_pca(out: DataPaths) -> None:
     """A PCA file left by an earlier fused run describes no current features: remove it."""
     if out.kind == "paintings" and out.features_pca.exists():
@@ -458,11 +466,7 @@ def _extract_single(cfg: ExtractConfig, run: _Run, backbone: str) -> dict[str, A
         raise UserError(f"none of the {len(items)} image(s) could be read; see {paths.features_errors}")
 
     if res.todo or not _outputs_current(paths, fingerprint, names):
-        meta = emb.meta
-        meta.update({"errors": len(error_rows), "source": run.source, "fingerprint": fingerprint,
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "meta_version": META_VERSION, "threads": run.threads, "workers": run.workers,
-                     "crop": run.crop_meta, **cfg.extra_meta})
+        meta = dict(emb.meta, **_run_meta(cfg, run, fingerprint, len(error_rows)))
         # the old outputs stay valid until the new ones are whole (checksums in the meta)
         write_embeddings(paths, np.stack(rows), names, meta)
         _write_errors_csv(paths.features_errors, error_rows)
@@ -585,11 +589,8 @@ def _extract_fused(cfg: ExtractConfig, run: _Run, models) -> dict[str, Any]:
             keep = np.array([i not in drop for i in range(n)])
             fused, names = fused[keep], [nm for i, nm in enumerate(names) if i not in drop]
         dim = int(fused.shape[1])
-        meta = fusion.fused_meta(entries, first_meta, pca_info, dim)
-        meta.update({"errors": len(error_rows), "source": run.source, "fingerprint": fingerprint,
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "meta_version": META_VERSION, "threads": run.threads, "workers": run.workers,
-                     "crop": run.crop_meta, **cfg.extra_meta})
+        meta = dict(fusion.fused_meta(entries, first_meta, pca_info, dim),
+                    **_run_meta(cfg, run, fingerprint, len(error_rows)))
         write_embeddings(paths, fused, names, meta)
         _write_errors_csv(paths.features_errors, error_rows)
         for fp in distinct:
@@ -597,7 +598,8 @@ def _extract_fused(cfg: ExtractConfig, run: _Run, models) -> dict[str, Any]:
         up_to_date = False
     else:
         log.info("outputs are up to date: nothing to write")
-        dim = int(Embeddings.load(paths.root).dim)
+        current = Embeddings.load(paths.root)
+        dim, pca_info = current.dim, current.meta["fusion"]["pca"]
         up_to_date = True
     if not cfg.pca:
         _remove_stale_pca(paths)
@@ -605,8 +607,7 @@ def _extract_fused(cfg: ExtractConfig, run: _Run, models) -> dict[str, Any]:
     seconds = sum(r.seconds for r in results.values())
     pca_out = None
     if cfg.pca:
-        recorded = Embeddings.load(paths.root).meta["fusion"]["pca"]
-        pca_out = {k: recorded[k] for k in ("dimension", "whiten", "explained_variance_ratio_total", "method")}
+        pca_out = {k: pca_info[k] for k in ("dimension", "whiten", "explained_variance_ratio_total", "method")}
     return {"images": len(items), "embedded": sum(r.embedded for r in results.values()),
             "reused": sum(r.reused for r in results.values()), "errors": len(error_rows), "rows": len(names),
             "dimension": dim, "backbone": "+".join(m.backbone for m in models),
