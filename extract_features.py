@@ -75,11 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache and measured fastest, see docs/performance.md), 64 on CUDA")
     p.add_argument("--workers", type=int_range(-1, 64), default=-1,
                    help="DataLoader processes decoding and resizing images (0: in the main process); "
-                        "-1 = auto: 1 on the CPU, min(8, CPU cores) on CUDA")
+                        "-1 = auto: on the CPU 1, but 0 on a machine of at most 2 cores whose compute threads "
+                        "take every core (a decoding process there stalls them: measured 1.3x slower "
+                        "in bf16); min(8, CPU cores) on CUDA")
     add_device_arg(p)
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="autocast precision: auto = bf16 (fp16 where bf16 is unsupported) on CUDA, "
-                        "fp32 on the CPU")
+                   help="the model's arithmetic. auto: on CUDA bf16 autocast (fp16 where the GPU lacks "
+                        "bf16); on the CPU bf16 only where the backbone passed the bf16 quality gate "
+                        "(paintsim/bf16_gate.json: mobilenet_v2 measured on the sample; resnet50/101/152, "
+                        "vgg16 and densenet121 follow it) and a short probe, cached per machine, times this "
+                        "model's forward at least 1.2x faster in bf16 (CPUs with AMX or AVX512-BF16), else "
+                        "fp32. fp32 and bf16 force that precision (bf16 works on any CPU, slowly without "
+                        "native bf16; it runs batch norm folded into the convolutions and the first "
+                        "convolution in fp32); fp16 is for GPUs. features_meta.json records the choice and why "
+                        "(precision_choice); a rerun with auto keeps the precision of the rows already "
+                        "made. PAINTSIM_PRECISION_PROBE=fast|slow forces the probe's answer")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="channels_last memory format (default None = on, for CUDA and the CPU alike: up to "
                         "1.8x faster on the CPU, see docs/performance.md)")

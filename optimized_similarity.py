@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from paintsim.cli import add_device_arg, add_k_arg, float_range, int_range, make_parser, memory_size, output_file, run_main
-from paintsim.knn import METHODS
+from paintsim.knn import METHODS, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = symmetric: each pair computed once (upper-triangle tiles); dense: "
                         "every row block against all rows (twice the flops; the plain reference). "
                         "Both are exact in float32")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="the candidate pass: fp32, or bf16 (then every candidate within the proven "
+                        "bf16 error bound is rescored exactly: the same table, bit for bit); auto = "
+                        "bf16 where a cached probe measures the bf16 product at least 1.5x faster "
+                        "(AMX CPUs, tensor-core GPUs) and the data's error window is narrow, else fp32")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--faces", action="store_true",
                       help="neighbours of every face among the faces of other paintings (top_{k}_faces.npy)")
@@ -77,8 +82,9 @@ def main(args: argparse.Namespace) -> int:
     emb = Embeddings.load(args.data_dir, mmap=False, kind=kind)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
+    run_stats: dict = {}
     opts = dict(device=device, block_size=args.block_size, progress=not args.no_progress, method=args.method,
-                memory_budget=args.memory_budget)
+                memory_budget=args.memory_budget, precision=args.precision)
     boost_record = None
     if args.boost:
         from paintsim.boost import Boost, boosted_top_k, field_codes
@@ -89,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
                                             progress=not args.no_progress)
         boost_record = dict(boost.to_record(), candidates=stats)
     elif kind == "paintings":
-        index, score = top_k_neighbors(emb.features, args.k, **opts)
+        index, score = top_k_neighbors(emb.features, args.k, stats=run_stats, **opts)
     else:  # a face's neighbours are faces of other paintings
         groups = [emb.image_name(i) for i in range(len(emb))]
         index, score = top_k_other_groups(emb.features, groups, args.k, **opts)
@@ -103,10 +109,12 @@ def main(args: argparse.Namespace) -> int:
               f"{c['rows_widened']} paintings needed a wider search) - exact")
     else:
         out = Path(args.output) if args.output else emb.paths.neighbors(args.k)
-        save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method)
+        save_table(out, index, score, route="streamed", features_sha256=emb.sha256, method=args.method,
+                   precision=run_stats.get("precision", args.precision), requested_precision=args.precision)
     n = len(index)
     print(f"top-{args.k} neighbours of {n} {kind} ({emb.dim}-d) -> {out} in "
-          f"{seconds:.1f} s on {device} ({n / max(seconds, 1e-9):.0f} rows/s)")
+          f"{seconds:.1f} s on {device} ({n / max(seconds, 1e-9):.0f} rows/s"
+          + (f", {run_stats['precision']} candidate pass" if run_stats else "") + ")")
     if args.compare_with:
         other = load_table(args.compare_with, n)
         dtype = str(other.record.get("matrix_dtype", "float16"))

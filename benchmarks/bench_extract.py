@@ -14,6 +14,15 @@ Ratios are reported against the floor. ``--compare-crop`` instead measures, with
 MobileNetV2 weights on data/sample, centre crop vs --no-crop (perturbed-copy recovery and
 same-artist precision@5).
 
+``--compare-precision`` measures the stage end to end with ``--precision auto`` against
+``--precision fp32`` (resnet50 and mobilenet_v2, random weights, the stage's CPU defaults: batch 8,
+auto workers, one thread per core, channels_last), interleaved and paired, as a ratio; beside it
+the model-alone floor of each precision (what end to end could reach), both precisions with other
+worker/thread splits, the one-time cost of auto's probe, and the decode + preprocess cost per image
+(with what PIL's JPEG draft mode, a smaller decode, would save; the stage does not use it, since it
+changes the pixels). Results JSON with the machine (lscpu), date and command:
+    flock /tmp/paintsim-cpu.lock env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/bench_extract.py --compare-precision --output benchmarks/results/extract_precision.json
+
 Run under the shared CPU lock and without the environment's OpenBLAS override:
     flock /tmp/paintsim-cpu.lock env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/bench_extract.py
 """
@@ -64,6 +73,7 @@ def floor(emb: Embedder, n: int, batch: int, threads: int, channels_last: bool, 
     torch.set_num_threads(threads)
     emb.channels_last = channels_last
     emb.model = emb.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    emb._bf16_model = None   # the bf16 copy is rebuilt in this layout on first use
     s = emb.preprocessing.crop_size
     x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
     emb.embed_uint8(x)  # warm-up
@@ -79,12 +89,17 @@ def floor(emb: Embedder, n: int, batch: int, threads: int, channels_last: bool, 
 
 
 def end_to_end(backbone: str, images_dir: Path, batch: int, workers: int, threads: int,
-               channels_last: bool) -> float:
+               channels_last: bool | None, precision: str = "fp32", details: dict | None = None) -> float:
     with tempfile.TemporaryDirectory() as d:
         cfg = ExtractConfig(data_dir=d, images_dir=str(images_dir), backbone=backbone, weights="none",
-                            batch_size=batch, workers=workers, device="cpu", precision="fp32",
+                            batch_size=batch, workers=workers, device="cpu", precision=precision,
                             channels_last=channels_last, threads=threads, progress=False)
+        t = time.perf_counter()
         summary = extract_features(cfg)
+        if details is not None:
+            meta = json.loads((Path(d) / "features_meta.json").read_text())
+            details.update(precision=meta["precision"], choice=meta.get("precision_choice"),
+                           workers=meta["workers"], wall_s=time.perf_counter() - t, loop_s=summary["seconds"])
     return float(summary["images_per_s"])
 
 
@@ -203,6 +218,115 @@ def run_crop_compare(args) -> dict:
     return out
 
 
+def decode_cost(paths: list[Path], emb: Embedder, repeats: int) -> dict:
+    """Core-ms per image of what the DataLoader workers do (read + decode + resize + crop), and the
+    same with PIL's JPEG draft mode (DCT-domain downscaling to at least the resize size)."""
+    from paintsim.images import decode_rgb
+
+    pre = emb.preprocessing
+
+    def full(p: Path):
+        return pre(decode_rgb(p.read_bytes(), str(p)))
+
+    def draft(p: Path):
+        import io
+
+        img = Image.open(io.BytesIO(p.read_bytes()))
+        img.draft("RGB", (pre.resize_size, pre.resize_size))
+        return pre(img.convert("RGB"))
+
+    out = {}
+    for name, fn in (("decode_preprocess_ms", full), ("with_jpeg_draft_ms", draft)):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            for p in paths:
+                fn(p)
+            best = min(best, (time.process_time() - t) / len(paths) * 1e3)
+        out[name] = round(best, 2)
+    return out
+
+
+def run_precision_compare(args) -> dict:
+    """End to end --precision auto vs fp32, paired, with the floors and the decode cost beside it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine_info import stamp
+
+    from paintsim import precision as probes
+
+    logging.basicConfig(level=logging.ERROR)
+    cores = os.cpu_count() or 1
+    res: dict = {**stamp(), "repeats": args.repeats, "batch": 8, "threads": cores,
+                 "statistic": "end to end: each auto run paired with the fp32 run just before it; ratio = "
+                              "median of the pairs. floor: best of repeats",
+                 "backbones": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[probes.ENV_CACHE] = str(Path(tmp) / "probe-cache")   # auto probes once, here
+        probes.clear_memo()
+        for backbone in args.backbones:
+            n = args.images or (96 if backbone == "resnet50" else 256)
+            img_dir = Path(tmp) / backbone
+            img_dir.mkdir()
+            paths = make_inputs(img_dir, n, args.size)
+            r: dict = {"images": n, "image_long_side_px": args.size}
+            # auto's one-time cost: the probe, timed inside Embedder.create with an empty cache
+            t = time.perf_counter()
+            emb_auto = Embedder.create(backbone, weights="none", device="cpu", precision="auto", batch_size=8,
+                                       progress=False)
+            t_auto = time.perf_counter() - t
+            t = time.perf_counter()
+            emb = Embedder.create(backbone, weights="none", device="cpu", precision="fp32", batch_size=8,
+                                  progress=False)
+            t_fp32 = time.perf_counter() - t
+            r["auto_resolves_to"] = emb_auto.precision
+            r["probe"] = emb_auto.precision_choice.get("probe")
+            r["probe_one_time_cost_s"] = round(t_auto - t_fp32, 2)
+            del emb_auto
+            torch.set_num_threads(cores)
+            floors = {}
+            for prec in ("fp32", "bf16"):
+                emb.precision = prec
+                floors[prec] = round(max(floor(emb, min(n, 64), 8, cores, True, repeats=1)
+                                         for _ in range(args.repeats)), 2)
+            emb.precision = "fp32"
+            r["floor_images_per_s"] = floors
+            r["floor_ratio_bf16_to_fp32"] = round(floors["bf16"] / floors["fp32"], 3)
+            r["decode"] = decode_cost(paths[:32], emb, args.repeats)
+            ms = 1e3 / floors["bf16"] * cores     # core-ms per image of the bf16 model on all cores
+            r["decode_share_of_cpu_work_bf16"] = round(r["decode"]["decode_preprocess_ms"]
+                                                       / (r["decode"]["decode_preprocess_ms"] + ms), 3)
+            pairs, autos, fp32s, detail = [], [], [], {}
+            for _ in range(args.repeats):
+                f = end_to_end(backbone, img_dir, 8, -1, cores, None, "fp32")
+                a = end_to_end(backbone, img_dir, 8, -1, cores, None, "auto", detail)
+                fp32s.append(f)
+                autos.append(a)
+                pairs.append(a / f)
+                print(f"{backbone}: end to end fp32 {f:.1f} img/s, auto ({detail['precision']}) {a:.1f} img/s, "
+                      f"{a / f:.2f}x", flush=True)
+            r["end_to_end"] = {"config": f"batch 8, workers auto (= {detail.get('workers')}), threads {cores}, "
+                                         "channels_last (the defaults)",
+                               "fp32_images_per_s_runs": [round(x, 2) for x in fp32s],
+                               "auto_images_per_s_runs": [round(x, 2) for x in autos],
+                               "auto_precision": detail.get("precision"),
+                               "ratio_auto_to_fp32_pairs": [round(x, 3) for x in pairs],
+                               "ratio_auto_to_fp32_median": round(float(np.median(pairs)), 3),
+                               "auto_to_its_floor": round(float(np.median(autos)) / floors[detail.get("precision", "fp32")], 3),
+                               "fp32_to_its_floor": round(float(np.median(fp32s)) / floors["fp32"], 3)}
+            splits = {}
+            for prec, workers, threads in [("auto", 1, cores), ("fp32", 1, cores), ("auto", 2, cores),
+                                           ("auto", 1, max(1, cores - 1))]:
+                vals = [end_to_end(backbone, img_dir, 8, workers, threads, None, prec) for _ in range(args.repeats)]
+                key = f"{prec} workers={workers} threads={threads}"
+                splits[key] = {"images_per_s_median": round(float(np.median(vals)), 2),
+                               "runs": [round(x, 2) for x in vals]}
+                print(f"{backbone}: end to end {key}: {np.median(vals):.1f} img/s", flush=True)
+            r["other_splits"] = splits
+            res["backbones"][backbone] = r
+            print(json.dumps({k: v for k, v in r.items() if k != "probe"}), flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v2"])
@@ -211,14 +335,20 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 32], help="batch sizes tried for the floor")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (floor: best; end to end: median ratio to a paired floor run)")
     p.add_argument("--compare-crop", action="store_true", help="measure centre crop vs --no-crop instead")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="measure end to end --precision auto vs fp32 (with floors and decode cost) instead")
     p.add_argument("--seeds", type=int, default=5, help="perturbation seeds for --compare-crop")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     args = p.parse_args()
     if os.environ.get("OPENBLAS_CORETYPE"):
         print("warning: OPENBLAS_CORETYPE is set; run with `env -u OPENBLAS_CORETYPE`", file=sys.stderr)
-    res = run_crop_compare(args) if args.compare_crop else run_speed(args)
+    if args.compare_precision:
+        res = run_precision_compare(args)
+    else:
+        res = run_crop_compare(args) if args.compare_crop else run_speed(args)
     print(json.dumps(res, indent=2))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
 
 

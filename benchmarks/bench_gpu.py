@@ -84,13 +84,19 @@ def main() -> None:
     res["fp32_tflops"] = round(matmul_rate(torch.float32) / 1e12, 1)
     res["bf16_tflops"] = round(matmul_rate(torch.bfloat16) / 1e12, 1)
     feats = realistic(a.n, a.dim)
-    for method in ("auto", "dense"):
-        top_k_neighbors(feats[:4096], a.k, device="cuda", method=method)  # warm-up
+    first = None
+    for method, precision in (("auto", "auto"), ("auto", "fp32"), ("auto", "bf16"), ("dense", "fp32")):
+        top_k_neighbors(feats[:4096], a.k, device="cuda", method=method, precision=precision)  # warm-up
         torch.cuda.synchronize()
         t = time.perf_counter()
-        top_k_neighbors(feats, a.k, device="cuda", method=method)
+        stats: dict = {}
+        got = top_k_neighbors(feats, a.k, device="cuda", method=method, precision=precision, stats=stats)
         torch.cuda.synchronize()
-        res[f"knn_{method}_s"] = round(time.perf_counter() - t, 2)
+        name = method if precision == "auto" else f"{method}_{precision}"
+        res[f"knn_{name}_s"] = round(time.perf_counter() - t, 2)
+        res[f"knn_{name}_ran"] = stats.get("precision")
+        first = first or got
+        res[f"knn_{name}_identical"] = bool((got[0] == first[0]).all() and (got[1] == first[1]).all())
     flops = 2 * a.n * a.n * a.dim
     res["floor_fp32_dense_s"] = round(flops / (res["fp32_tflops"] * 1e12), 2)
     res["floor_bf16_dense_s"] = round(flops / (res["bf16_tflops"] * 1e12), 2)

@@ -113,7 +113,61 @@ def library_versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
 
 
+#: ``--precision auto`` on the CPU takes bf16 autocast only where the probe times this model's own
+#: forward at least this much faster than float32 (and the backbone passed the quality gate,
+#: :mod:`paintsim.bf16_gate`). Why 1.2 and not the similarity kernel's 1.5: the kernel's bf16
+#: path adds a candidate pass and exact rescoring that must be paid for, while here the bf16 forward
+#: simply replaces the float32 one, so the whole measured gain passes through (less the decoding,
+#: which both share). The margin above 1.0 covers the probe's noise on a shared machine (the same
+#: measurement varies 10-15 % between minutes; the probe interleaves the two and keeps the best of
+#: two) and pays for what bf16 costs: rows no longer bit-identical to a float32 run's. Below ~1.2
+#: the end-to-end gain after decoding would be under ~1.1x, not worth it. Measured on the 2-vCPU
+#: Sapphire Rapids (AMX) development machine: ResNet50 ~2.4x, MobileNetV2 ~1.8x; on an AVX2-only
+#: CPU bf16 is several times slower, far below the line.
+CPU_BF16_MIN_SPEEDUP = 1.2
+#: images per forward of the speed probe (the CPU's default extraction batch)
+PROBE_BATCH = 8
+#: How ``bf16`` runs the model (recorded as ``bf16_recipe`` and part of the fingerprint): batch norm
+#: folded into the preceding convolutions (``torch.fx`` conv-bn fusion, exact in float32) and the
+#: first convolution kept in float32, the rest under bf16 autocast. Plain autocast rounds every
+#: convolution's output to bf16 and then batch norm's output again, and feeds the raw image to the
+#: first convolution in bf16: on the sample with the real MobileNetV2 weights its top-10 tables
+#: overlapped float32's by only 0.935 (rows' cosine to float32 0.9971), under the quality gate's
+#: 0.95; folded, with the first convolution in float32, 0.967 (cosine 0.9990). Features recorded
+#: with plain autocast (no ``bf16_recipe`` in their meta) are embedded with plain autocast.
+BF16_RECIPE = "bn-folded,first-conv-fp32"
+PLAIN_AUTOCAST = "autocast"
+
+
+def bf16_model(model):
+    """:data:`BF16_RECIPE` applied to a copy of ``model`` (eval mode): conv + batch norm folded,
+    the first convolution wrapped to run in float32 under autocast."""
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    class _Float32(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.inner(x.float())
+
+    folded = fuse(model.eval(), inplace=False)
+    for node in folded.graph.nodes:
+        if node.op == "call_module" and isinstance(folded.get_submodule(node.target), torch.nn.Conv2d):
+            parent, _, name = node.target.rpartition(".")
+            owner = folded.get_submodule(parent) if parent else folded
+            setattr(owner, name, _Float32(folded.get_submodule(node.target)))
+            break
+    return folded
+
+
 def resolve_precision(precision: str, device: str) -> str:
+    """The precision to run for a requested one, without measuring: ``auto`` is bf16 (fp16 where
+    bf16 is unsupported) on CUDA and fp32 on the CPU (:meth:`Embedder.create` refines the CPU's
+    auto by the probe and the gate, :func:`choose_cpu_auto`)."""
     import torch
 
     if precision not in PRECISIONS:
@@ -123,8 +177,44 @@ def resolve_precision(precision: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision == "fp16" and device == "cpu":
-        raise BadValue("precision", precision, "fp16 is for GPUs; on the CPU use fp32 (fastest measured) or bf16")
+        raise BadValue("precision", precision, "fp16 is for GPUs; on the CPU use fp32 or bf16")
     return precision
+
+
+def explain_fixed(requested: str, resolved: str, device: str) -> dict[str, Any]:
+    """features_meta.json's ``precision_choice`` for every case but the CPU's auto."""
+    if requested == "auto":
+        why = ("auto on CUDA: bf16 autocast" if resolved == "bf16"
+               else "auto on CUDA: fp16 autocast (this GPU does not support bf16)")
+    else:
+        why = f"forced: --precision {requested}"
+    return {"requested": requested, "resolved": resolved, "reason": why}
+
+
+def choose_cpu_auto(backbone: str, speed_probe) -> tuple[str, dict[str, Any]]:
+    """``--precision auto`` on the CPU: bf16 when ``backbone`` passed the bf16 quality gate and
+    ``speed_probe()`` (a :func:`paintsim.precision.probe_model` record, run only then) shows bf16
+    at least :data:`CPU_BF16_MIN_SPEEDUP` x faster; else fp32. Returns (precision, the choice as
+    features_meta.json records it)."""
+    from . import bf16_gate
+
+    gate = bf16_gate.verdict(backbone)
+    choice: dict[str, Any] = {"requested": "auto", "gate": gate, "threshold": CPU_BF16_MIN_SPEEDUP}
+    if not gate["passed"]:
+        choice.update(resolved="fp32", reason=f"auto on the CPU: fp32, {backbone} has not passed the bf16 "
+                                              f"quality gate ({gate['status']}); the speed probe was not run")
+        return "fp32", choice
+    rec = speed_probe()
+    choice["probe"] = rec
+    speedup = float(rec["speedup"])
+    fast = speedup >= CPU_BF16_MIN_SPEEDUP
+    resolved = "bf16" if fast else "fp32"
+    via = f" of {gate['measured_on']}" if gate.get("measured_on") != backbone else ""
+    choice.update(resolved=resolved, reason=(
+        f"auto on the CPU: {resolved}, bf16 autocast {'is' if fast else 'is not'} at least "
+        f"{CPU_BF16_MIN_SPEEDUP}x faster for this model (speedup {speedup:g}, {rec.get('source', '')}); "
+        f"the bf16 quality gate{via} passed"))
+    return resolved, choice
 
 
 class Embedder:
@@ -132,9 +222,15 @@ class Embedder:
 
     def __init__(self, model, spec: BackboneSpec, weights: ResolvedWeights, preprocessing: Preprocessing,
                  device: str = "cpu", precision: str = "fp32", channels_last: bool | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, bf16_recipe: str = BF16_RECIPE):
         import torch
 
+        self.precision_choice: dict[str, Any] | None = None   # how create() chose it (the meta records it)
+        if bf16_recipe not in (BF16_RECIPE, PLAIN_AUTOCAST):
+            raise UserError(f"unknown bf16 recipe {bf16_recipe!r} (this version knows {BF16_RECIPE!r} and "
+                            f"{PLAIN_AUTOCAST!r}); rerun extract_features.py")
+        self.bf16_recipe = bf16_recipe
+        self._bf16_model = None        # built on first use in bf16 (bf16_model)
         self.spec = spec
         self.weights = weights
         self.preprocessing = preprocessing
@@ -162,7 +258,14 @@ class Embedder:
         spec = get_spec(backbone)
         model, resolved, tv_weights = build_backbone(spec.name, weights, progress=progress, seed=seed)
         pre = Preprocessing.from_weights(tv_weights, letterbox=no_crop)
-        return cls(model, spec, resolved, pre, dev, prec, channels_last, batch_size)
+        emb = cls(model, spec, resolved, pre, dev, prec, channels_last, batch_size)
+        if precision == "auto" and dev == "cpu":
+            emb.precision, emb.precision_choice = choose_cpu_auto(spec.name, emb.probe_speed)
+            if emb.precision != "bf16":
+                emb._bf16_model = None     # the probe's copy
+        else:
+            emb.precision_choice = explain_fixed(precision, prec, dev)
+        return emb
 
     @classmethod
     def from_meta(cls, meta: dict, device: str = "auto", weights: str | None = None,
@@ -214,7 +317,9 @@ class Embedder:
             raise UserError("features_meta.json lacks 'preprocessing': rerun extract_features.py")
         pre = Preprocessing.from_meta(meta["preprocessing"])
         channels_last = meta.get("channels_last") if dev == meta.get("device") else None
-        emb = cls(model, spec, resolved, pre, dev, prec, channels_last, int(meta.get("batch_size", 32)))
+        recipe = str(meta.get("bf16_recipe", PLAIN_AUTOCAST)) if prec == "bf16" else BF16_RECIPE
+        emb = cls(model, spec, resolved, pre, dev, prec, channels_last, int(meta.get("batch_size", 32)),
+                  bf16_recipe=recipe)
         if emb.dim != int(meta.get("dimension", emb.dim)):
             raise UserError(f"features_meta.json says dimension {meta.get('dimension')} but {backbone} "
                             f"gives {emb.dim}")
@@ -242,20 +347,52 @@ class Embedder:
     @property
     def meta(self) -> dict[str, Any]:
         """What features_meta.json records about this embedder (without counts)."""
-        return {"backbone": self.spec.name, "weights": self.weights.to_meta(),
+        meta = {"backbone": self.spec.name, "weights": self.weights.to_meta(),
                 "random_weights": self.weights.kind == "none",
                 "preprocessing": self.preprocessing.to_meta(), "dimension": self.dim,
-                "precision": self.precision, "device": self.device.type,
-                "channels_last": self.channels_last, "batch_size": self.batch_size,
-                "versions": library_versions()}
+                "precision": self.precision}
+        if self.precision == "bf16":
+            meta["bf16_recipe"] = self.bf16_recipe
+        if self.precision_choice is not None:
+            meta["precision_choice"] = self.precision_choice
+        meta.update({"device": self.device.type, "channels_last": self.channels_last,
+                     "batch_size": self.batch_size, "versions": library_versions()})
+        return meta
 
-    def fingerprint(self) -> str:
-        """Identity of everything that changes an embedding; progress of another config is discarded."""
+    def fingerprint(self, precision: str | None = None) -> str:
+        """Identity of everything that changes an embedding; progress of another config is discarded.
+        ``precision``: the fingerprint this embedder would have in that precision."""
         key = {"backbone": self.spec.name, "weights": self.weights.id, "sha256": self.weights.sha256,
                "seed": self.weights.seed if self.weights.kind == "none" else None,
-               "preprocessing": self.preprocessing.to_meta(), "precision": self.precision,
+               "preprocessing": self.preprocessing.to_meta(), "precision": precision or self.precision,
                "meta_version": META_VERSION}
+        if key["precision"] == "bf16" and self.bf16_recipe != PLAIN_AUTOCAST:
+            key["bf16_recipe"] = self.bf16_recipe   # rows of plain autocast are not these rows
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def probe_speed(self, refresh: bool = False) -> dict[str, Any]:
+        """bf16 autocast over float32 speed of this embedder's own forward (normalise + model + L2, a
+        batch of :data:`PROBE_BATCH` at its input size, in its memory layout), measured once per
+        machine and cached (:func:`paintsim.precision.probe_model`)."""
+        import torch
+
+        from . import precision as probes
+
+        s = self.preprocessing.crop_size
+        name = (f"{self.spec.name}@{s}px,batch{PROBE_BATCH},"
+                f"{'channels_last' if self.channels_last else 'nchw'}")
+        x = torch.randint(0, 256, (PROBE_BATCH, 3, s, s), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+
+        def run(prec: str) -> None:
+            old = self.precision
+            self.precision = prec
+            try:
+                self.embed_uint8(x)
+            finally:
+                self.precision = old
+
+        return probes.probe_model(name, run, self.device.type, images=PROBE_BATCH, refresh=refresh)
 
     # inference -------------------------------------------------------------------------------
     def preprocess(self, img) -> "torch.Tensor":  # noqa: F821
@@ -271,6 +408,19 @@ class Embedder:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def _forward_model(self):
+        """The module that runs in the current precision: :data:`BF16_RECIPE`'s copy for bf16."""
+        import torch
+
+        if self.precision != "bf16" or self.bf16_recipe == PLAIN_AUTOCAST:
+            return self.model
+        if self._bf16_model is None:
+            m = bf16_model(self.model).to(self.device)
+            if self.channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            self._bf16_model = m
+        return self._bf16_model
+
     def embed_uint8(self, batch: "torch.Tensor") -> np.ndarray:  # noqa: F821
         """Embed a ``uint8 [B, 3, S, S]`` batch; rows L2-normalised float32 (NaN row if degenerate)."""
         import torch
@@ -280,8 +430,9 @@ class Embedder:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = (x.float() - self._mean) * self._inv_std
+            model = self._forward_model()
             with self._autocast():
-                out = self.model(x)
+                out = model(x)
             out = out.float().flatten(1)
             norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
             out = out / norms

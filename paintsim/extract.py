@@ -215,7 +215,7 @@ class ExtractConfig:
     weights: str | None = "default"       # weights source: one for all, or a comma list (fusion)
     no_crop: bool = False
     batch_size: int = 0             # 0: auto (CPU_BATCH_SIZE / CUDA_BATCH_SIZE)
-    workers: int = -1               # -1: auto (1 on the CPU, min(8, cores) on CUDA)
+    workers: int = -1               # -1: auto (auto_workers: 0 or 1 on the CPU, min(8, cores) on CUDA)
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool | None = None
@@ -240,6 +240,20 @@ def configure_threads(threads: int, device: str) -> int:
     elif device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return torch.get_num_threads()
+
+
+def auto_workers(device: str, threads: int, cores: int | None = None) -> int:
+    """DataLoader processes for ``--workers -1``: min(8, cores) on CUDA; on the CPU 1, except 0
+    (decode in the main process, between batches) on a machine of at most 2 cores whose compute
+    threads take every core. There a decoding process preempts one of the two OpenMP threads and
+    stalls both at every barrier: measured on the 2-vCPU Sapphire Rapids, 2026-11-25
+    (``benchmarks/bench_extract.py --compare-precision``, benchmarks/results/extract_precision.json),
+    workers 0 against 1, threads 2, batch 8, medians of 3: ResNet50 fp32 24.3 vs 20.2 img/s, bf16
+    54.0 vs 44.6; MobileNetV2 fp32 87.9 vs 63.1, bf16 119.2 vs 80.9."""
+    cores = cores or os.cpu_count() or 1
+    if device == "cuda":
+        return min(8, cores)
+    return 0 if cores <= 2 and threads >= cores else 1
 
 
 def _write_errors_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -315,7 +329,7 @@ def _prepare(cfg: ExtractConfig) -> _Run:
     device = resolve_device(cfg.device)
     threads = configure_threads(cfg.threads, device)
     batch_size = cfg.batch_size or (CUDA_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE)
-    workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
+    workers = cfg.workers if cfg.workers >= 0 else auto_workers(device, threads)
     faces, crop_meta, digest = None, {"mode": "none"}, None
     if cfg.crop == "faces":
         from .faces import faces_csv, read_faces_csv
@@ -418,6 +432,56 @@ def _collect(store: ProgressStore, items: Sequence[Item]) -> tuple[list[str], li
     return names, rows, error_rows
 
 
+def _recorded_fingerprints(store_dir: Path, meta_path: Path | None) -> list[tuple[str, str]]:
+    """(fingerprint, where) of finished rows on disk: the progress store's (when it holds chunks),
+    then the outputs' features_meta.json (when given)."""
+    found: list[tuple[str, str]] = []
+    try:
+        if any(store_dir.glob("chunk-*.npz")):
+            fp = artifacts.read_json_object(store_dir / "config.json").get("fingerprint")
+            if isinstance(fp, str):
+                found.append((fp, f"the progress in {store_dir}"))
+    except (OSError, UserError):
+        pass
+    if meta_path is not None:
+        try:
+            fp = artifacts.read_json_object(meta_path).get("fingerprint")
+            if isinstance(fp, str):
+                found.append((fp, str(meta_path)))
+        except (OSError, UserError):
+            pass
+    return found
+
+
+def keep_recorded_precision(emb: Embedder, run: "_Run", store_dir: Path, meta_path: Path | None = None) -> None:
+    """``--precision auto`` on the CPU answers by measurement, so it may say fp32 on one run and
+    bf16 on another (another machine or thread count, a new gate table). Where rows made by this
+    same configuration in the other precision are already on disk (a killed run's progress, or the
+    outputs an incremental rerun extends), auto keeps their precision: a resumed run never mixes
+    fp32 and bf16 rows (the fingerprint holds the precision, so it could not anyway) and does not
+    silently throw finished work away either. ``--precision fp32|bf16`` re-embeds in the one named."""
+    choice = emb.precision_choice or {}
+    if choice.get("requested") != "auto" or run.device != "cpu":
+        return
+    current = run.fingerprint(emb.fingerprint())
+    others = {run.fingerprint(emb.fingerprint(p)): p for p in ("fp32", "bf16") if p != emb.precision}
+    for fp, where in _recorded_fingerprints(store_dir, meta_path):
+        if fp == current:
+            return
+        if fp in others:
+            kept = others[fp]
+            log.warning("--precision auto: keeping %s, the precision of %s (this run alone would pick %s); "
+                        "pass --precision %s to re-embed everything in %s", kept, where, emb.precision,
+                        emb.precision, emb.precision)
+            emb.precision_choice = {**choice, "resolved": kept, "would_pick": emb.precision,
+                                    "reason": f"auto: kept {kept}, the precision of {where} (this run alone "
+                                              f"would pick {emb.precision}: {choice.get('reason', '')})"}
+            emb.precision = kept
+            if kept != "bf16":
+                emb._bf16_model = None     # the probe's bf16 copy is not needed
+            return
+
+
 def _run_meta(cfg: ExtractConfig, run: _Run, fingerprint: str, n_errors: int) -> dict[str, Any]:
     """What features_meta.json records about the run itself, beside the model's recipe."""
     return {"errors": n_errors, "source": run.source, "fingerprint": fingerprint,
@@ -455,6 +519,8 @@ def _extract_single(cfg: ExtractConfig, run: _Run, backbone: str) -> dict[str, A
     paths, items = run.out, run.items
     emb = Embedder.create(backbone, cfg.weights, cfg.no_crop, run.device, cfg.precision, cfg.channels_last,
                           cfg.seed, run.batch_size, progress=cfg.progress)
+    keep_recorded_precision(emb, run, paths.features_progress_dir, paths.features_meta)
+    log.info("precision: %s (%s)", emb.precision, (emb.precision_choice or {}).get("reason", ""))
     fingerprint = run.fingerprint(emb.fingerprint())
     res = embed_items(emb, items, paths.features_progress_dir, fingerprint, device=run.device,
                       batch_size=run.batch_size, workers=run.workers, chunk_size=cfg.chunk_size,
@@ -510,6 +576,8 @@ def _extract_fused(cfg: ExtractConfig, run: _Run, models) -> dict[str, Any]:
         letterbox = cfg.no_crop if m.letterbox is None else m.letterbox
         emb = Embedder.create(m.backbone, m.weights, letterbox, run.device, cfg.precision, cfg.channels_last,
                               cfg.seed, run.batch_size, progress=cfg.progress)
+        keep_recorded_precision(emb, run, paths.features_progress_dir / "models" / m.backbone)
+        log.info("%s precision: %s (%s)", m.backbone, emb.precision, (emb.precision_choice or {}).get("reason", ""))
         fp = run.fingerprint(emb.fingerprint())
         emeta = emb.meta
         first_meta = first_meta or emeta

@@ -310,10 +310,14 @@ def load_pca(path: str | os.PathLike[str], sha256: str | None = None) -> PCA:
 
 def model_entry(embedder_meta: dict[str, Any], blend: float) -> dict[str, Any]:
     """One model of the recipe as features_meta.json records it under ``fusion.models``."""
-    return {"backbone": embedder_meta["backbone"], "weights": embedder_meta["weights"],
-            "random_weights": embedder_meta.get("random_weights", False),
-            "preprocessing": embedder_meta["preprocessing"], "precision": embedder_meta["precision"],
-            "dimension": int(embedder_meta["dimension"]), "blend_weight": float(blend)}
+    entry = {"backbone": embedder_meta["backbone"], "weights": embedder_meta["weights"],
+             "random_weights": embedder_meta.get("random_weights", False),
+             "preprocessing": embedder_meta["preprocessing"], "precision": embedder_meta["precision"],
+             "dimension": int(embedder_meta["dimension"]), "blend_weight": float(blend)}
+    for key in ("bf16_recipe", "precision_choice"):   # how bf16 runs; how --precision was resolved
+        if key in embedder_meta:
+            entry[key] = embedder_meta[key]
+    return entry
 
 
 def fused_meta(entries: list[dict[str, Any]], first: dict[str, Any], pca_info: dict[str, Any] | None,
@@ -324,6 +328,7 @@ def fused_meta(entries: list[dict[str, Any]], first: dict[str, Any], pca_info: d
             "weights": {"kind": "fusion", "id": "+".join(e["weights"]["id"] for e in entries)},
             "random_weights": any(e.get("random_weights") for e in entries),
             "preprocessing": entries[0]["preprocessing"], "precision": entries[0]["precision"],
+            **({"precision_choice": entries[0]["precision_choice"]} if "precision_choice" in entries[0] else {}),
             "dimension": int(dimension), "device": first.get("device"),
             "channels_last": first.get("channels_last"), "batch_size": first.get("batch_size"),
             "versions": first.get("versions"),
@@ -386,6 +391,8 @@ class FusedEmbedder:
                    "precision": m.get("precision", "fp32"), "dimension": m.get("dimension"),
                    "device": meta.get("device"), "channels_last": meta.get("channels_last"),
                    "batch_size": meta.get("batch_size") or 32}
+            if "bf16_recipe" in m:
+                sub["bf16_recipe"] = m["bf16_recipe"]
             key = json.dumps([sub, override], sort_keys=True, default=str)
             if key not in built:
                 built[key] = Embedder.from_meta(sub, device=device, weights=override)
@@ -413,8 +420,8 @@ class FusedEmbedder:
     @property
     def meta(self) -> dict[str, Any]:
         """The recipe as features_meta.json records it (without counts)."""
-        keep = ("backbone", "weights", "random_weights", "preprocessing", "precision", "dimension", "device",
-                "channels_last", "batch_size", "versions", "fusion")
+        keep = ("backbone", "weights", "random_weights", "preprocessing", "precision", "precision_choice",
+                "dimension", "device", "channels_last", "batch_size", "versions", "fusion")
         return {k: self._meta[k] for k in keep if k in self._meta}
 
     def fingerprint(self) -> str:

@@ -13,6 +13,15 @@ from reference import brute_force_float64
 METHODS = ["symmetric", "dense"]
 
 
+@pytest.fixture(autouse=True)
+def _private_probe_cache(tmp_path, monkeypatch):
+    """precision="auto" probes the machine once; keep its cache out of the home directory."""
+    from paintsim import precision
+
+    monkeypatch.setenv(precision.ENV_CACHE, str(tmp_path / "probe-cache"))
+    precision.clear_memo()
+
+
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, d))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
