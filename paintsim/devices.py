@@ -2,6 +2,8 @@
 and blocks of scores are sized to a memory budget capped by what the machine has free."""
 from __future__ import annotations
 
+import os
+
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -10,7 +12,12 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 
 def resolve_device(name: str) -> str:
-    """``auto|cpu|cuda[:i]`` -> a torch device string; CUDA asked for but absent is a clear error."""
+    """``auto|cpu|cuda[:i]`` -> a torch device string; CUDA asked for but absent is a clear error.
+    ``cpu``, and ``auto`` on a machine without a GPU driver, answer without importing torch."""
+    if name == "cpu":
+        return name
+    if name == "auto" and not _gpu_driver_present():
+        return "cpu"
     import torch
 
     if name == "auto":
@@ -21,6 +28,12 @@ def resolve_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
     return name
+
+
+def _gpu_driver_present() -> bool:
+    """An NVIDIA or ROCm driver is loaded (its device files exist); without one torch sees no GPU."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0",
+                                          "/dev/kfd"))
 
 
 def available_memory() -> int:

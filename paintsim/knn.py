@@ -27,7 +27,7 @@ g(s~_j) = s~_j + a + b|s~_j| >= f(t~). Every pair with g(s~) >= f(t~) is therefo
 running list of C >= k candidates must reach below that window, and hold no placeholder of the
 seeded start, else the row is redone exactly in float32 with its own window). The kept pairs are
 narrowed by float32 scores (|s32 - s| <= gamma_D |x|^2 =: e, so true top-k members have
-s32 >= t32 - 2e, :func:`_narrow_float32`) and rescored canonically: the float64 dot
+s32 >= t32 - 2e, :func:`_float64_dots`) and rescored canonically: the float64 dot
 product rounded to float32, with pairs whose float64 value lies within its error bound of a
 float32 rounding boundary or of another candidate recomputed exactly (``math.fsum``), then
 ordered by (score descending, index ascending). The result is the exact top-k of the float32
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -162,15 +164,11 @@ def _gamma(n: int, u: float) -> float:
 
 
 def _row_norm_max(features: np.ndarray, chunk: int = 8192) -> float:
-    """The largest row norm (float64, chunked: no float64 copy of the features)."""
-    import torch
-
+    """The largest row norm (float64 sums of squares, chunked: no float64 copy of the features)."""
     best = 0.0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for r0 in range(0, len(features), chunk):
-            x = torch.from_numpy(features[r0:r0 + chunk])
-            best = max(best, float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max()))
+    for r0 in range(0, len(features), chunk):
+        sq = np.einsum("ij,ij->i", features[r0:r0 + chunk], features[r0:r0 + chunk], dtype=np.float64)
+        best = max(best, float(np.sqrt(sq.max())) if len(sq) else 0.0)
     return best * (1 + 1e-9)
 
 
@@ -186,17 +184,15 @@ class _Scorer:
     offset = 0.0
 
     def __init__(self, features: np.ndarray, device: str, norm_max: float | None = None):
-        import torch
-
         self.device = device
         self.n, self.d = features.shape
         self.features_np = features
         if device == "cpu":
-            # features may be a read-only memory map; the kernel only ever reads this tensor
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                self.features = torch.from_numpy(features)
+            # numpy only: a CPU float32 run never imports torch (2-3 s of start-up)
+            self.features = None
         else:
+            import torch
+
             torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
             self.features = torch.from_numpy(features).to(device)
         m = _row_norm_max(features) if norm_max is None else norm_max
@@ -208,23 +204,21 @@ class _Scorer:
         return np.empty((rows, cols), dtype=np.float32) if self.device == "cpu" else None
 
     def scores(self, r0: int, r1: int, c0: int, c1: int, out=None):
-        """Float32 ``features[r0:r1] @ features[c0:c1].T`` as a torch tensor on the device."""
-        import torch
-
+        """Float32 ``features[r0:r1] @ features[c0:c1].T``: a numpy array on the CPU, a torch
+        tensor on CUDA."""
         if self.device == "cpu":
             # numpy's BLAS sgemm is faster than torch's on the CPU (docs/performance.md)
             # a contiguous view of the flat scratch buffer: BLAS writes it in place
             buf = None if out is None else out.reshape(-1)[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
-            res = np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
-            return torch.from_numpy(res)
+            return np.matmul(self.features_np[r0:r1], self.features_np[c0:c1].T, out=buf)
         return self.features[r0:r1] @ self.features[c0:c1].T
 
     def sample_scores(self, r0: int, r1: int, cols: np.ndarray):
-        """Scores of rows ``r0:r1`` against the columns ``cols`` (any order), as a torch tensor."""
+        """Scores of rows ``r0:r1`` against the columns ``cols`` (any order)."""
+        if self.device == "cpu":
+            return self.features_np[r0:r1] @ self.features_np[cols].T
         import torch
 
-        if self.device == "cpu":
-            return torch.from_numpy(self.features_np[r0:r1] @ self.features_np[cols].T)
         return self.features[r0:r1] @ self.features[torch.from_numpy(cols).to(self.device)].T
 
 
@@ -281,23 +275,22 @@ class _Bf16Scorer:
         l_max = r_max = h_max = x_max = 0.0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            norm = torch.linalg.vector_norm
+            m64t = torch.from_numpy(m64)
             for r0 in range(0, n, chunk):
-                xn = features[r0:r0 + chunk]
-                x = torch.from_numpy(xn)
+                x = torch.from_numpy(features[r0:r0 + chunk])
                 r = x - mt                        # float32: |r - (x - m)| <= 2^-24 |x - m|
                 h = r.to(torch.bfloat16)
                 fb[r0:r0 + len(x), :d] = h.to(device)
-                norm = torch.linalg.vector_norm
-                l_max = max(l_max, float(norm(r - h.float(), dim=1).max()))
                 r_max = max(r_max, float(norm(r, dim=1).max()))
-                h_max = max(h_max, float(norm(h.float(), dim=1).max()))
                 x_max = max(x_max, float(norm(x, dim=1).max()))
-                beta[r0:r0 + len(x)] = xn.astype(np.float64) @ m64 - mm_half
+                l_max = max(l_max, float(norm(r.sub_(h.float()), dim=1).max()))   # r - h, in place
+                beta[r0:r0 + len(x)] = (torch.mv(x.double(), m64t) - mm_half).numpy()
         # float32 norms are within gamma_D of the exact ones; the rounding of r adds 2^-24 |r|
         slack = 1 + 2 * _gamma(d, _U32)
         r_max *= slack * (1 + _U32)
         l_max = l_max * slack + _U32 * r_max
-        h_max, x_max = h_max * slack, x_max * slack
+        h_max, x_max = r_max + l_max, x_max * slack                              # |h| <= |r| + |l|
         self.fp32_out = device != "cpu" and _cuda_fp32_out_mm(fb[:2], fb[:2].T) is not None
         self.offset = 0.0 if self.fp32_out else _estimate_offset(features, k, exclude_self)
         row_parts, row_rest = _bf16_split3(beta - self.offset)
@@ -412,15 +405,26 @@ def score_blocks(features: np.ndarray, *, device: str = "cpu", block_size: int |
     for r0 in range(start_row, n, block):
         r1 = min(n, r0 + block)
         s = scorer.scores(r0, r1, 0, n)
-        yield r0, r1, s.cpu().numpy() if dev != "cpu" else s.numpy()
+        yield r0, r1, s if isinstance(s, np.ndarray) else s.cpu().numpy()
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> ``bf16`` where the cached probe shows the bf16 product >= 1.5x float32 here."""
+#: below this many multiply-adds (N * N * D; 20,000 x 20,000 x 768 is 3e11) the CPU's "auto" stays
+#: float32 unless torch is loaded already: the float32 route is numpy alone, and importing torch
+#: for the bf16 product costs 2-3 s, more than the bf16 pass saves at such sizes
+#: (docs/performance.md#bf16-where-the-cpu-has-it)
+SMALL_CPU_WORK = 1e12
+
+
+def resolve_precision(precision: str, device: str, n: int | None = None, d: int | None = None) -> str:
+    """``auto`` -> ``bf16`` where the cached probe shows the bf16 product >= 1.5x float32 here
+    (and, on the CPU, the work is large enough to pay for importing torch)."""
     if precision not in PRECISIONS:
         raise BadValue("precision", precision, f"choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
+    if device == "cpu" and n is not None and d is not None and float(n) * n * d < SMALL_CPU_WORK \
+            and "torch" not in sys.modules:
+        return "fp32"
     from .precision import choose
 
     return choose("matmul", device)
@@ -481,7 +485,7 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
         raise BadValue("method", method, f"choose one of {', '.join(METHODS)}")
     check_block_size(block_size)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, n, features.shape[1])
     n_avail = n - 1 if exclude_self else n
     cap = _capacity(k, n_avail, prec)
     scorer = (_Bf16Scorer(features, dev, k, exclude_self) if prec == "bf16"
@@ -489,7 +493,7 @@ def top_k_neighbors(features: np.ndarray, k: int, *, device: str = "cpu",
     if prec == "bf16" and cap < n_avail:
         # the list must hold the whole error window: size it from a sample of the data
         wide = _predicted_window(features, k, exclude_self, scorer.a, scorer.b, scorer.offset)
-        cap = min(n_avail, max(cap, k + RERANK_SPARE + int(math.ceil(1.5 * wide))))
+        cap = min(n_avail, max(cap, k + RERANK_SPARE + int(math.ceil(1.0 * wide))))
         if precision == "auto" and cap > MAX_BF16_CAPACITY:
             log.info("bf16 error window holds ~%d candidates per row here: float32 pass", wide)
             prec, cap = "fp32", _capacity(k, n_avail, "fp32")
@@ -538,31 +542,20 @@ def _exact_top_k(features: np.ndarray, idx: np.ndarray, vals: np.ndarray, k: int
         cols.append(bc)
         cnts.append(bn)
     rows, cols, cnts = np.concatenate(rows), np.concatenate(cols), np.concatenate(cnts)
-    if len(cols) > (k + 4) * len(rows):
-        cols, cnts = _narrow_float32(features, rows, cnts, cols, k, norm_max)
-    log.debug("exact selection: %d candidates rescored for %d rows (%d redone)", len(cols), n, len(bad))
+    s64, kept = _float64_dots(features, rows, cnts, cols, k, norm_max)
+    seg = np.repeat(np.arange(len(rows)), cnts)
+    log.debug("exact selection: %d candidates for %d rows (%d redone), %d scored in float64",
+              len(cols), n, len(bad), int(kept.sum()))
     if stats is not None:
-        stats.update(rows_redone=int(len(bad)), rescored_per_row=round(len(cols) / max(1, n), 2))
+        stats.update(rows_redone=int(len(bad)), window_per_row=round(len(cols) / max(1, n), 2),
+                     rescored_per_row=round(int(kept.sum()) / max(1, n), 2))
+    cols, s64 = cols[kept], s64[kept]
+    cnts = np.bincount(seg[kept], minlength=len(rows))
     out_i = np.empty((n, k), dtype=np.int32)
     out_s = np.empty((n, k), dtype=np.float32)
-    ci, cs = _canonical_top_k(features, rows, cnts, cols, k, norm_max)
+    ci, cs = _canonical_top_k(features, rows, cnts, cols, k, norm_max, s64)
     out_i[rows], out_s[rows] = ci, cs
     return out_i, out_s
-
-
-def _narrow_float32(features: np.ndarray, rows: np.ndarray, counts: np.ndarray, cols: np.ndarray,
-                    k: int, norm_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's candidates narrowed by float32 scores before the float64 ones: with
-    |s32 - s| <= e = gamma_D max|x|^2 and t32 the row's k-th s32, every true top-k member has
-    s32 >= t32 - 2e (the same argument as the pass's window), so only those are kept."""
-    e = _gamma(features.shape[1], _U32) * norm_max * norm_max + _TINY
-    s = _float64_dots(features, rows, counts, cols, precise=False)
-    seg = np.repeat(np.arange(len(rows)), counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    order = np.lexsort((-s, seg))
-    kth = s[order[starts + np.minimum(k, counts) - 1]]
-    keep = s >= (kth - 2 * e - _TINY)[seg]
-    return cols[keep], np.bincount(seg[keep], minlength=len(rows))
 
 
 def _window_float32(features: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool,
@@ -585,19 +578,24 @@ def _window_float32(features: np.ndarray, rows: np.ndarray, k: int, exclude_self
     return np.concatenate(out_r), np.concatenate(out_c), np.concatenate(out_n)
 
 
-def _float64_dots(features: np.ndarray, rows: np.ndarray, counts: np.ndarray,
-                  cols: np.ndarray, precise: bool = True) -> np.ndarray:
-    """float64 (``precise``; else float32) dot products of each row with its candidates (CSR:
-    ``counts`` per row), in rows of similar length padded to a rectangle (no float64 copy of the
-    features; two threads)."""
-    import torch
+def _float64_dots(features: np.ndarray, rows: np.ndarray, counts: np.ndarray, cols: np.ndarray,
+                  narrow_k: int = 0, norm_max: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """float64 dot products of each row with its candidates (CSR: ``counts`` per row), computed
+    from the gathered float32 rows (products of float32 numbers are exact in float64), in rows
+    of similar length padded to a rectangle, on two threads. Returns ``(s, kept)``.
 
+    With ``narrow_k``, each row's candidates are first scored in float32 from the same gathered
+    rows: |s32 - s| <= e = gamma_D max|x|^2, so with t32 the row's ``narrow_k``-th s32 every true
+    top-k member has s32 >= t32 - 2e (the pass's window argument); only those get a float64
+    score (``kept``), the others are dropped without a second gather.
+    """
     d = features.shape[1]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    out = np.empty(len(cols), dtype=np.float64)
+    out = np.full(len(cols), -np.inf, dtype=np.float64)
+    kept = np.zeros(len(cols), dtype=bool)
+    e = _gamma(d, _U32) * norm_max * norm_max + _TINY
     order = np.argsort(counts, kind="stable")
-    ft = _torch_view(features)
-    pairs_per_chunk = max(1, (16 * 2**20) // (8 * d))
+    pairs_per_chunk = max(1, (8 * 2**20) // (4 * d))   # 8 MiB gathered: fastest of 1-16 measured
     jobs, i = [], 0
     while i < len(order):
         w = max(1, int(counts[order[i]]))
@@ -611,22 +609,25 @@ def _float64_dots(features: np.ndarray, rows: np.ndarray, counts: np.ndarray,
             return
         st, cn = starts[chunk_rows], counts[chunk_rows]
         pos = st[:, None] + np.minimum(np.arange(w)[None, :], np.maximum(cn, 1)[:, None] - 1)
-        cand = torch.from_numpy(cols[pos].reshape(-1))
-        dt = torch.float64 if precise else torch.float32
-        g = torch.index_select(ft, 0, cand).to(dt).view(len(chunk_rows), w, d)
-        q = torch.index_select(ft, 0, torch.from_numpy(rows[chunk_rows])).to(dt)
-        s = torch.bmm(g, q.unsqueeze(2)).squeeze(2).numpy()
+        g = np.take(features, cols[pos].reshape(-1), axis=0).reshape(len(chunk_rows), w, d)
+        q = np.take(features, rows[chunk_rows], axis=0)
         valid = np.arange(w)[None, :] < cn[:, None]
-        out[pos[valid]] = s[valid]
+        if narrow_k and w > narrow_k:
+            s32 = np.where(valid, np.einsum("bwd,bd->bw", g, q), -np.inf)
+            kth = -np.partition(-s32, narrow_k - 1, axis=1)[:, narrow_k - 1:narrow_k]
+            keep = valid & (s32.astype(np.float64) >= kth.astype(np.float64) - 2 * e)
+        else:
+            keep = valid
+        kr, kc = np.nonzero(keep)
+        # products of float32 numbers are exact in float64; the sum is float64
+        s64 = np.einsum("nd,nd->n", g[kr, kc], q[kr], dtype=np.float64)
+        at = pos[kr, kc]
+        out[at] = s64
+        kept[at] = True
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode(), ThreadPoolExecutor(max(1, threads)) as pool:
-            list(pool.map(run, jobs))
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    with ThreadPoolExecutor(_POOL_THREADS) as pool:
+        list(pool.map(run, jobs))
+    return out, kept
 
 
 def _torch_view(features: np.ndarray):
@@ -638,18 +639,18 @@ def _torch_view(features: np.ndarray):
 
 
 def _canonical_top_k(features: np.ndarray, rows: np.ndarray, counts: np.ndarray, cols: np.ndarray,
-                     k: int, nmax: float) -> tuple[np.ndarray, np.ndarray]:
+                     k: int, nmax: float, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row's candidates by the canonical score: the float64 dot product of the
     float32 rows (exactly rounded where it matters), descending, ties to the lower index.
 
-    The float64 value s of a BLAS dot product is within E = gamma_D(u64)|x||y| (+ its own
+    The float64 value s (``s``, :func:`_float64_dots`) of a dot product is within E = gamma_D(u64)|x||y| (+ its own
     rounding) of fl64(exact). Where no float32 rounding boundary lies within E of s, float32(s) is
     float32(fl64(exact)); where no other candidate of the row lies within 2E, s orders as the exact
     value does. The few pairs failing either test are recomputed exactly (``math.fsum``), so the
     result depends on neither the BLAS nor the position of the pair.
     """
     d = features.shape[1]
-    s = _float64_dots(features, rows, counts, cols)
+    s = s.copy()
     seg = np.repeat(np.arange(len(rows)), counts)
     err = (_gamma(d, _U64) + 4 * _U64) * nmax * nmax + 1e-300
     # near a float32 rounding boundary?
@@ -734,7 +735,7 @@ def _top_k_dense(scorer, k: int, block_size: int | None, exclude_self: bool, pro
             vals = idx = None
             for c0 in range(0, n, col_chunk):
                 c1 = min(n, c0 + col_chunk)
-                s = scorer.scores(r0, r1, c0, c1, out=buf)
+                s = _as_tensor(scorer.scores(r0, r1, c0, c1, out=buf))
                 v, i = select_top_k(s, k, c0, self_rows)
                 v = v.float()
                 vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
@@ -742,6 +743,12 @@ def _top_k_dense(scorer, k: int, block_size: int | None, exclude_self: bool, pro
             out_val[r0:r1] = vals.cpu().numpy()
             bar.update(r1 - r0)
     return out_idx, out_val
+
+
+def _as_tensor(s):
+    import torch
+
+    return torch.from_numpy(s) if isinstance(s, np.ndarray) else s
 
 
 def _tile_shape(n: int, dev: str, block_size: int | None, memory_budget: int | None) -> tuple[int, int]:
@@ -870,10 +877,11 @@ def _top_k_symmetric(scorer, k: int, block_size: int | None, exclude_self: bool,
 
 
 # ------------------------------------------------------------------- the CPU candidate pass
-#: columns sampled per row to seed its threshold (at most; see _seed_thresholds)
-SEED_COLUMNS = 2048
+#: columns sampled per row to seed its threshold (at most; see _seed_thresholds): measured best at
+#: N = 20,000 (float32) and N = 50,000 (bf16, where the sample's product is cheap)
+SEED_COLUMNS = {"fp32": 1024, "bf16": 2048}
 #: threads scanning a tile (numpy releases the GIL in comparisons and nonzero)
-_POOL_THREADS = 2
+_POOL_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 def _seed_thresholds(scorer, k: int, exclude_self: bool, block: int) -> np.ndarray:
@@ -885,10 +893,8 @@ def _seed_thresholds(scorer, k: int, exclude_self: bool, block: int) -> np.ndarr
     inside the error window and :func:`_exact_top_k` redoes the row, so the seed decides only the
     speed, never the result.
     """
-    import torch
-
     n = scorer.n
-    s_cols = int(min(n, max(4 * k, min(SEED_COLUMNS, n // 8))))
+    s_cols = int(min(n, max(4 * k, min(SEED_COLUMNS.get(scorer.precision, 2048), n // 8))))
     rng = np.random.default_rng(2024)
     cols = np.sort(rng.choice(n, size=s_cols, replace=False))
     # the q-th of the sample: above it lie about q N / S scores of the row; q = k is the safe bound
@@ -899,18 +905,26 @@ def _seed_thresholds(scorer, k: int, exclude_self: bool, block: int) -> np.ndarr
     out = np.full(n, -np.inf, dtype=np.float32)
     if q < 1:
         return out
-    with torch.inference_mode():
-        for r0 in range(0, n, block):
-            r1 = min(n, r0 + block)
-            sc = scorer.sample_scores(r0, r1, cols).float()
-            if exclude_self:
-                rows = np.arange(r0, r1)
-                pos = np.searchsorted(cols, rows)
-                hit = (pos < s_cols) & (cols[np.minimum(pos, s_cols - 1)] == rows)
-                if hit.any():
-                    rr = torch.from_numpy(np.flatnonzero(hit))
-                    sc[rr, torch.from_numpy(pos[hit])] = -math.inf
-            out[r0:r1] = torch.topk(sc, q, dim=1, sorted=True).values[:, q - 1].cpu().numpy()
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        sc = scorer.sample_scores(r0, r1, cols)
+        hit_r = hit_c = None
+        if exclude_self:
+            rows = np.arange(r0, r1)
+            pos = np.searchsorted(cols, rows)
+            hit = (pos < s_cols) & (cols[np.minimum(pos, s_cols - 1)] == rows)
+            hit_r, hit_c = np.flatnonzero(hit), pos[hit]
+        if isinstance(sc, np.ndarray):
+            if hit_r is not None:
+                sc[hit_r, hit_c] = -np.inf
+            out[r0:r1] = -np.partition(-sc, q - 1, axis=1)[:, q - 1]
+        else:   # a torch tensor (bf16 pass)
+            import torch
+
+            with torch.inference_mode():
+                if hit_r is not None and len(hit_r):
+                    sc[torch.from_numpy(hit_r), torch.from_numpy(hit_c)] = -math.inf
+                out[r0:r1] = torch.topk(sc, q, dim=1, sorted=True).values[:, q - 1].float().cpu().numpy()
     return out
 
 
@@ -951,13 +965,13 @@ def _fold_tile_cpu(vals: np.ndarray, idx: np.ndarray, theta: np.ndarray, s, r0: 
     kept scores) are merged. One vectorised comparison per direction, in row bands on the
     ``pool``'s threads (numpy releases the GIL); bf16 tiles are compared as order-preserving
     int16 keys."""
-    import torch
-
     b, c = s.shape
     off = first_col - c0
     nc = max(0, c - off)
-    bf16 = s.dtype == torch.bfloat16
+    bf16 = not isinstance(s, np.ndarray)    # the bf16 pass's torch tile; float32 tiles are numpy
     if bf16:
+        import torch
+
         raw = s.view(torch.int16).numpy()
         th_all = theta[r0:r0 + b] if nc == 0 else np.concatenate([theta[r0:r0 + b],
                                                                    theta[first_col:first_col + nc]])
@@ -967,7 +981,7 @@ def _fold_tile_cpu(vals: np.ndarray, idx: np.ndarray, theta: np.ndarray, s, r0: 
         tr, tc = tk[:b], tk[b:]
         flat_scratch = None if scratch is None else scratch.reshape(-1)
     else:
-        raw, keyed = s.numpy(), False
+        raw, keyed = s, False
         tr, tc = theta[r0:r0 + b], theta[first_col:first_col + nc]
 
     def scan(a0: int, a1: int):
@@ -1028,12 +1042,21 @@ def _merge_sorted(vals: np.ndarray, idx: np.ndarray, theta: np.ndarray, rows: np
         theta[rr] = nv.min(1)
 
 
+def _no_grad(scorer):
+    """torch's inference mode for the bf16 pass; nothing (and no torch import) for float32."""
+    if scorer.precision == "fp32":
+        import contextlib
+
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
+
+
 def _top_k_symmetric_cpu(scorer, k: int, block_size: int | None, exclude_self: bool,
                          progress: bool, memory_budget: int | None):
     """Upper-triangle tiles on the CPU, each offered to its rows and (transposed) to its columns;
     every row starts from a seeded threshold (:func:`_seed_thresholds`)."""
-    import torch
-
     n = scorer.n
     rows_t, cols_t = _tile_shape(n, "cpu", block_size, memory_budget)
     theta = _seed_thresholds(scorer, k, exclude_self, rows_t)
@@ -1042,7 +1065,7 @@ def _top_k_symmetric_cpu(scorer, k: int, block_size: int | None, exclude_self: b
     buf = scorer.new_buffer(rows_t, cols_t)
     scratch = np.empty(rows_t * cols_t, dtype=np.int16) if scorer.precision == "bf16" else None
     total_pairs = n * (n + 1) // 2
-    with torch.inference_mode(), ThreadPoolExecutor(_POOL_THREADS) as pool, \
+    with _no_grad(scorer), ThreadPoolExecutor(_POOL_THREADS) as pool, \
             _progress(total_pairs, progress, "neighbours", unit="pair") as bar:
         for r0 in range(0, n, rows_t):
             r1 = min(n, r0 + rows_t)
@@ -1050,7 +1073,7 @@ def _top_k_symmetric_cpu(scorer, k: int, block_size: int | None, exclude_self: b
                 c1 = min(n, c0 + cols_t)
                 s = scorer.scores(r0, r1, c0, c1, out=buf)
                 if exclude_self and c0 < r1:
-                    diag = torch.arange(c0, min(r1, c1))
+                    diag = np.arange(c0, min(r1, c1))
                     s[diag - r0, diag - c0] = -math.inf
                 _fold_tile_cpu(vals, idx, theta, s, r0, c0, max(r1, c0), k, scratch, pool)
                 bar.update((r1 - r0) * (c1 - c0) - (((min(r1, c1) - c0) * (min(r1, c1) - c0 - 1)) // 2
@@ -1077,7 +1100,7 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
     k = min(k_out + RERANK_SPARE, features.shape[0])
     dev = resolve_device(device)
     n = features.shape[0]
-    scorer = _Scorer(features, dev)
+    ft = _torch_view(features) if dev == "cpu" else _Scorer(features, dev).features
     qt = torch.from_numpy(q).to(dev)
     out_idx = np.empty((len(q), k), dtype=np.int32)
     out_val = np.empty((len(q), k), dtype=np.float32)
@@ -1089,7 +1112,7 @@ def search(queries: np.ndarray, features: np.ndarray, k: int, *,
             vals = idx = None
             for c0 in range(0, n, col_chunk):
                 c1 = min(n, c0 + col_chunk)
-                s = qt[r0:r1] @ scorer.features[c0:c1].T
+                s = qt[r0:r1] @ ft[c0:c1].T
                 v, i = select_top_k(s, k, c0)
                 vals, idx = (v, i) if vals is None else merge_top_k(vals, idx, v, i, k)
             out_idx[r0:r1] = idx.cpu().numpy()

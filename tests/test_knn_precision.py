@@ -231,3 +231,40 @@ def test_gpu_bf16_and_fp32_match_the_cpu():
     cpu = knn.top_k_neighbors(x, 10, precision="fp32")
     gpu = {c: knn.top_k_neighbors(x, 10, device="cuda", precision=c[0], method=c[1]) for c in COMBOS}
     assert_identical({"cpu": cpu, **gpu})
+
+
+NO_TORCH = r"""
+import sys, numpy as np
+from paintsim.knn import top_k_neighbors
+x = np.random.default_rng(0).standard_normal((300, 24)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+top_k_neighbors(x, 5, device=sys.argv[1], precision=sys.argv[2])
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("device,prec", [("cpu", "fp32"), ("cpu", "auto")])
+def test_a_small_float32_cpu_run_never_imports_torch(device, prec, tmp_path):
+    """Importing torch costs seconds; the float32 CPU route (and auto below SMALL_CPU_WORK) is numpy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo), precision.ENV_CACHE: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, device, prec], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_auto_weighs_the_torch_import_against_the_work(monkeypatch):
+    """Small work without torch loaded: float32; large work (or torch loaded): the probe decides."""
+    import sys
+
+    monkeypatch.setenv(precision.ENV_OVERRIDE, "fast")
+    with monkeypatch.context() as m:
+        m.delitem(sys.modules, "torch")
+        assert knn.resolve_precision("auto", "cpu", 1000, 64) == "fp32"
+        assert knn.resolve_precision("auto", "cpu", 50000, 2048) == "bf16"
+    assert knn.resolve_precision("auto", "cpu", 1000, 64) == "bf16"
+    assert knn.resolve_precision("fp32", "cpu", 50000, 2048) == "fp32"
