@@ -238,9 +238,10 @@ class _Bf16Scorer:
     Real embeddings share a mean direction (cosines 0.5-0.9), so the rows are centred first:
     x = m + r with m the mean row, and x.y = r.r' + beta + beta' with beta = x.m - m.m / 2 (float64,
     per row). The residuals are rounded to bf16 once, h = bf16(r), l = r - h, so
-    |r.r' - h.h'| <= |l||r'| + |h||l'| <= L (R + H) (L, R, H: the largest |l|, |r|, |h|, measured
-    in float64). Centring shrinks |r| and with it the window (|r|^2 ~ 0.4 on such data; the generic
-    (2u + u^2)|x||y| with u = 2^-8 would be 2.5x wider). beta - c and beta' enter the same product
+    |r.r' - h.h'| <= |l||r'| + |h||l'| <= L (R + H) (L, R: the largest |l|, |r|, measured in
+    float32 and widened by their rounding bound, and H <= R + L). Centring shrinks |r| and with it
+    the window (|r|^2 ~ 0.4 on such data: a = 0.0018 where the generic (2u + u^2)|x||y| with
+    u = 2^-8 would be 0.0078). beta - c and beta' enter the same product
     as three bf16 columns each (hi, mid, lo: 24 bits, their remainder E is measured), so the
     product is v = x.y - c, shifted by c near the typical k-th score. Products of bf16 numbers are
     exact in float32, so the float32 accumulation adds gamma_K (H^2 + |beta - c| + |beta'|). On the
