@@ -851,6 +851,17 @@ def _offer(vals, idx, s, r, cc, theta_r, theta_c, row_sparse: bool, col_sparse: 
                           torch.cat([v[to_row], v[to_col]]), k)
 
 
+def _upper_tiles(n: int, rows_t: int, cols_t: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """The symmetric passes' tiles on and above the diagonal, in order: ``(r0, r1, c0, c1, pairs)``,
+    ``pairs`` the distinct pairs the tile covers (for the progress bar)."""
+    for r0 in range(0, n, rows_t):
+        r1 = min(n, r0 + rows_t)
+        for c0 in range(r0, n, cols_t):
+            c1 = min(n, c0 + cols_t)
+            inner = min(r1, c1) - c0
+            yield r0, r1, c0, c1, (r1 - r0) * (c1 - c0) - (inner * (inner - 1) // 2 if c0 < r1 else 0)
+
+
 def _top_k_symmetric(scorer, k: int, block_size: int | None, exclude_self: bool, progress: bool,
                      memory_budget: int | None):
     """Upper-triangle tiles, each used for its rows and (transposed) for its columns."""
@@ -863,17 +874,13 @@ def _top_k_symmetric(scorer, k: int, block_size: int | None, exclude_self: bool,
     buf = scorer.new_buffer(rows_t, cols_t)
     total_pairs = n * (n + 1) // 2
     with torch.inference_mode(), _progress(total_pairs, progress, "neighbours", unit="pair") as bar:
-        for r0 in range(0, n, rows_t):
-            r1 = min(n, r0 + rows_t)
-            for c0 in range(r0, n, cols_t):
-                c1 = min(n, c0 + cols_t)
-                s = scorer.scores(r0, r1, c0, c1, out=buf)
-                if exclude_self and c0 < r1:
-                    diag = torch.arange(c0, min(r1, c1), device=s.device)
-                    s[diag - r0, diag - c0] = -math.inf
-                _fold_tile(vals, idx, s, r0, c0, max(r1, c0), k)
-                bar.update((r1 - r0) * (c1 - c0) - (((min(r1, c1) - c0) * (min(r1, c1) - c0 - 1)) // 2
-                                                    if c0 < r1 else 0))
+        for r0, r1, c0, c1, pairs in _upper_tiles(n, rows_t, cols_t):
+            s = scorer.scores(r0, r1, c0, c1, out=buf)
+            if exclude_self and c0 < r1:
+                diag = torch.arange(c0, min(r1, c1), device=s.device)
+                s[diag - r0, diag - c0] = -math.inf
+            _fold_tile(vals, idx, s, r0, c0, max(r1, c0), k)
+            bar.update(pairs)
     return idx.cpu().numpy().astype(np.int32), vals.cpu().numpy()
 
 
@@ -1068,17 +1075,13 @@ def _top_k_symmetric_cpu(scorer, k: int, block_size: int | None, exclude_self: b
     total_pairs = n * (n + 1) // 2
     with _no_grad(scorer), ThreadPoolExecutor(_POOL_THREADS) as pool, \
             _progress(total_pairs, progress, "neighbours", unit="pair") as bar:
-        for r0 in range(0, n, rows_t):
-            r1 = min(n, r0 + rows_t)
-            for c0 in range(r0, n, cols_t):
-                c1 = min(n, c0 + cols_t)
-                s = scorer.scores(r0, r1, c0, c1, out=buf)
-                if exclude_self and c0 < r1:
-                    diag = np.arange(c0, min(r1, c1))
-                    s[diag - r0, diag - c0] = -math.inf
-                _fold_tile_cpu(vals, idx, theta, s, r0, c0, max(r1, c0), k, scratch, pool)
-                bar.update((r1 - r0) * (c1 - c0) - (((min(r1, c1) - c0) * (min(r1, c1) - c0 - 1)) // 2
-                                                    if c0 < r1 else 0))
+        for r0, r1, c0, c1, pairs in _upper_tiles(n, rows_t, cols_t):
+            s = scorer.scores(r0, r1, c0, c1, out=buf)
+            if exclude_self and c0 < r1:
+                diag = np.arange(c0, min(r1, c1))
+                s[diag - r0, diag - c0] = -math.inf
+            _fold_tile_cpu(vals, idx, theta, s, r0, c0, max(r1, c0), k, scratch, pool)
+            bar.update(pairs)
     order = np.lexsort((idx, -vals), axis=1)
     return (np.take_along_axis(idx, order, 1).astype(np.int64),
             np.take_along_axis(vals, order, 1))
