@@ -4,18 +4,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, SAMPLE_DIR, run_script
+from helpers import REPO, SAMPLE_DIR, SAMPLE_IMAGES, copy_sample_images, kill_when_chunks, run_script
 from paintsim import artifacts
 from paintsim.embedder import Embedder, Preprocessing
 from paintsim.errors import BadValue, UserError
@@ -24,19 +21,13 @@ from paintsim.manifest import write_manifest
 from paintsim.images import load_rgb
 from paintsim.perturb import PERTURBATIONS, perturb
 
-SAMPLE_IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
 #: Four panels of one Simone Martini polyptych: gold-ground standing saints that MobileNetV2 at
 #: 200 px already puts within cosine 0.85 of each other, closer than an 85 % crop of themselves.
 SAME_POLYPTYCH = {"41633.jpg", "41634.jpg", "41635.jpg", "41636.jpg"}
 
 
 def copy_images(dst: Path, n: int, start: int = 0) -> list[str]:
-    dst.mkdir(parents=True, exist_ok=True)
-    names = []
-    for src in SAMPLE_IMAGES[start:start + n]:
-        shutil.copy2(src, dst / src.name)
-        names.append(src.name)
-    return names
+    return copy_sample_images(dst, range(start, start + n))
 
 
 def add_bad_files(d: Path) -> dict[str, str]:
@@ -145,15 +136,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_extract_cmd(whole, imgs), check=True, capture_output=True, timeout=300, cwd=REPO)
 
-    proc = subprocess.Popen(_extract_cmd(killed, imgs), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    progress = killed / "features_progress"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(progress.glob("chunk-*.npz"))) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    n_chunks = len(list(progress.glob("chunk-*.npz")))
+    n_chunks = kill_when_chunks(_extract_cmd(killed, imgs), killed / "features_progress", 3)
     assert 3 <= n_chunks < 20, "the run was not killed midway"
     assert not (killed / "features.npy").exists()
 

@@ -4,20 +4,18 @@ bf16 quality gate (paintsim.bf16_gate); both branches forced, the cache, the gat
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import REPO, SAMPLE_DIR, run_script
+from helpers import REPO, SAMPLE_IMAGES, copy_sample_images, run_script
 from paintsim import artifacts, bf16_gate, precision
 from paintsim.embedder import BF16_RECIPE, CPU_BF16_MIN_SPEEDUP, PLAIN_AUTOCAST, Embedder
 from paintsim.extract import ExtractConfig, extract_features
 from paintsim.images import load_rgb
 
-SAMPLE_IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
 #: The committed gate table as this version ships it (tests that change it use a copy).
 PASSED = {"measured": {"mobilenet_v2": {"passed": True, "bf16_recipe": BF16_RECIPE,
                                         "neighbour_overlap_mean": 0.97}},
@@ -50,11 +48,8 @@ def gate_table(tmp_path, monkeypatch):
 
 @pytest.fixture
 def imgs(tmp_path) -> Path:
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for src in SAMPLE_IMAGES[:4]:
-        shutil.copy2(src, d / src.name)
-    return d
+    copy_sample_images(tmp_path / "imgs", range(4))
+    return tmp_path / "imgs"
 
 
 def _extract(data: Path, imgs: Path, **kw) -> dict:
@@ -215,7 +210,7 @@ def test_a_rerun_with_auto_keeps_the_precision_of_the_rows_already_made(tmp_path
     first = _extract(data, imgs)
     assert first["embedded"] == 4 and _meta(data)["precision"] == "fp32"
     # the same collection on a machine where bf16 is faster, with one new painting
-    shutil.copy2(SAMPLE_IMAGES[10], imgs / SAMPLE_IMAGES[10].name)
+    copy_sample_images(imgs, [10])
     monkeypatch.setenv(precision.ENV_OVERRIDE, "fast")
     precision.clear_memo()
     second = _extract(data, imgs)
@@ -241,8 +236,7 @@ def test_progress_left_in_fp32_and_resumed_under_auto_bf16_does_not_mix(tmp_path
     _extract(data, imgs, chunk_size=1, batch_size=1)
     (data / "features.npy").unlink()          # as if killed before the outputs: only the progress is left
     (data / "features_meta.json").unlink()
-    for src in SAMPLE_IMAGES[4:6]:
-        shutil.copy2(src, imgs / src.name)
+    copy_sample_images(imgs, range(4, 6))
     monkeypatch.setenv(precision.ENV_OVERRIDE, "fast")
     precision.clear_memo()
     s = _extract(data, imgs, chunk_size=1, batch_size=1)

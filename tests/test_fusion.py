@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import SAMPLE_DIR, run_script
+from helpers import SAMPLE_IMAGES, copy_sample_images, run_script
 from paintsim import artifacts, fusion
 from paintsim.embedder import Embedder
 from paintsim.embeddings import Embeddings
@@ -20,18 +20,14 @@ from paintsim.extract import ExtractConfig, extract_features
 from paintsim.images import load_rgb
 from paintsim.manifest import write_manifest
 
-SAMPLE_IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
 #: Two different models of one architecture: the real ImageNet MobileNetV2 and a seeded random one.
 PAIR = dict(backbone="mobilenet_v2,mobilenet_v2", weights="default,none")
 
 
 @pytest.fixture()
 def imgs(tmp_path, mobilenet_weights) -> Path:
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for src in SAMPLE_IMAGES[:12]:
-        shutil.copy2(src, d / src.name)
-    return d
+    copy_sample_images(tmp_path / "imgs", range(12))
+    return tmp_path / "imgs"
 
 
 def extract(out: Path, imgs: Path, **kw) -> dict:

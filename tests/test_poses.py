@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, SAMPLE_DIR, run_script
+from helpers import REPO, SAMPLE_IMAGES, copy_sample_images, kill_when_chunks, run_script
 from paintsim import artifacts
 from paintsim.embeddings import Embeddings
 from paintsim.errors import UserError
@@ -22,7 +18,6 @@ from paintsim.knn import search
 from paintsim.poses import (CSV_HEADER, FLIP, KEYPOINT_NAMES, PosesConfig, asymmetry, build_pose_model,
                             descriptors, extract_poses, mirror_keypoints, pose_descriptor, poses_csv)
 
-SAMPLE_IMAGES = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
 #: Small and few: Keypoint R-CNN costs about half a second per 128-px image on 2 CPU cores.
 FAST = ["--random-weights", "--min-score", "0", "--max-size", "128", "--max-persons", "3", "--no-progress"]
 
@@ -169,13 +164,6 @@ def test_detections_come_back_in_each_images_own_pixels():
     assert kp.shape == (len(small), 17, 3) and np.all((kp[..., 2] > 0) & (kp[..., 2] < 1))
 
 
-def copy_images(dst: Path, picks: list[int]) -> list[str]:
-    dst.mkdir(parents=True, exist_ok=True)
-    for i in picks:
-        shutil.copy2(SAMPLE_IMAGES[i], dst / SAMPLE_IMAGES[i].name)
-    return [SAMPLE_IMAGES[i].name for i in picks]
-
-
 def read_poses(data: Path) -> list[dict[str, str]]:
     with open(poses_csv(data), newline="") as fh:
         reader = csv.DictReader(fh)
@@ -185,7 +173,7 @@ def read_poses(data: Path) -> list[dict[str, str]]:
 
 def test_stage_writes_poses_in_original_pixels_and_a_rerun_does_nothing_new(tmp_path):
     imgs, data = tmp_path / "imgs", tmp_path / "data"
-    names = copy_images(imgs, [0, 20, 40])
+    names = copy_sample_images(imgs, [0, 20, 40])
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     proc = run_script("extract_poses.py", "--data-dir", data, "--images-dir", imgs, *FAST, timeout=300)
     assert "mean nothing" in proc.stderr and "skipped 1 unreadable" in proc.stdout
@@ -229,7 +217,7 @@ def test_stage_writes_poses_in_original_pixels_and_a_rerun_does_nothing_new(tmp_
     assert "detected in 0 new, reused 4" in again.stdout and "[already up to date]" in again.stdout
     assert all((data / n).read_bytes() == b for n, b in before.items())
 
-    copy_images(imgs, [60])                      # one new image: only it is detected in
+    copy_sample_images(imgs, [60])                      # one new image: only it is detected in
     more = run_script("extract_poses.py", "--data-dir", data, "--images-dir", imgs, *FAST, timeout=300)
     assert "detected in 1 new, reused 4" in more.stdout
     new_rows = read_poses(data)
@@ -239,7 +227,7 @@ def test_stage_writes_poses_in_original_pixels_and_a_rerun_does_nothing_new(tmp_
 
 def test_pose_neighbours_are_poses_of_other_paintings(tmp_path):
     imgs, data = tmp_path / "imgs", tmp_path / "data"
-    copy_images(imgs, [0, 20, 40, 60])
+    copy_sample_images(imgs, [0, 20, 40, 60])
     run_script("extract_poses.py", "--data-dir", data, "--images-dir", imgs, *FAST, timeout=300)
     emb = Embeddings.load(data, kind="poses")
     groups = [emb.image_name(i) for i in range(len(emb))]
@@ -261,7 +249,7 @@ def test_pose_neighbours_are_poses_of_other_paintings(tmp_path):
 
 def test_nobody_found_is_written_and_said_not_fatal(tmp_path, caplog):
     imgs, data = tmp_path / "imgs", tmp_path / "data"
-    copy_images(imgs, [5])
+    copy_sample_images(imgs, [5])
     s = extract_poses(PosesConfig(data_dir=str(data), images_dir=str(imgs), random_weights=True,
                                   min_score=0.999, max_size=96, device="cpu", progress=False))
     assert s["persons"] == 0 and s["poses"] == 0 and s["errors"] == 0
@@ -274,7 +262,7 @@ def test_nobody_found_is_written_and_said_not_fatal(tmp_path, caplog):
 def test_offline_without_weights_is_one_line_naming_file_url_and_folder(tmp_path):
     torch_home = tmp_path / "empty_torch_home"
     imgs, data = tmp_path / "imgs", tmp_path / "data"
-    copy_images(imgs, [0])
+    copy_sample_images(imgs, [0])
     proc = run_script("extract_poses.py", "--data-dir", data, "--images-dir", imgs, "--no-progress",
                       check=False, timeout=120, env={"TORCH_HOME": str(torch_home)})
     assert proc.returncode == 2, proc.stderr
@@ -314,15 +302,9 @@ def _cmd(data: Path, imgs: Path) -> list[str]:
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     imgs, data = tmp_path / "imgs", tmp_path / "data"
-    names = copy_images(imgs, [1, 11, 21, 31, 41, 51])
-    proc = subprocess.Popen(_cmd(data, imgs), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    names = copy_sample_images(imgs, [1, 11, 21, 31, 41, 51])
     progress = data / "poses_progress"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(progress.glob("chunk-*.npz"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    n_chunks = len(list(progress.glob("chunk-*.npz")))
+    n_chunks = kill_when_chunks(_cmd(data, imgs), progress, 2)
     assert 2 <= n_chunks < 6, "the run was not killed midway"
     assert not (data / "pose_features.npy").exists() and not poses_csv(data).exists()
 
