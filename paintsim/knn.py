@@ -431,8 +431,10 @@ def resolve_precision(precision: str, device: str, n: int | None = None, d: int 
     return choose("matmul", device)
 
 
-#: "auto" falls back to the float32 pass when the bf16 list would need more candidates per row
-#: (measured on a 2-vCPU Sapphire Rapids: lists of 59 and 105 made the bf16 pass slower overall)
+#: "auto" falls back to the float32 pass when the bf16 list would need more candidates per row: a
+#: guard against data whose error window holds most of a row (e.g. thousands of near-duplicates);
+#: on a 2-vCPU Sapphire Rapids lists of 45-103 still ran 2-2.5x faster than the float32 pass
+#: (docs/performance.md#bf16-where-the-cpu-has-it)
 MAX_BF16_CAPACITY = 256
 
 
