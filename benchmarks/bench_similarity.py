@@ -139,19 +139,12 @@ def make_data(root: Path, n: int, d: int, seed: int, distribution: str = "isotro
 
 def cpu_description() -> dict:
     """lscpu's model name and whether the flags that decide the fast path are present."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model_name": model, "cores": os.cpu_count(),
-            **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}}
+    from machine_info import BF16_FLAGS, lscpu
+
+    info = lscpu()
+    flags = set(info.get("Flags", "").split())
+    return {"model_name": info.get("Model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), **{f: f in flags for f in BF16_FLAGS}}
 
 
 def check(x: np.ndarray, idx: np.ndarray, score: np.ndarray, ref_i: np.ndarray,
