@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from paintsim.cli import add_device_arg, config_from_args, float_range, int_range, make_parser, run_main
-from paintsim.poses import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_PERSONS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SCORE,
-                            PosesConfig, extract_poses)
+from paintsim.pose_model import DEFAULT_MAX_PERSONS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SCORE
+from paintsim.poses import DEFAULT_CHUNK_SIZE, PosesConfig, extract_poses
 
 
 def build_parser() -> argparse.ArgumentParser:

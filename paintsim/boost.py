@@ -186,15 +186,3 @@ def boosted_top_k(features: np.ndarray, codes: np.ndarray, boost: Boost, k: int,
              "max_candidates": int(scored.max()), "mean_candidates": float(scored.mean()),
              "candidates_beyond_k": float(scored.mean() - k)}
     return out_i, out_s, stats
-
-
-def brute_force(features: np.ndarray, codes: np.ndarray, boost: Boost, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The reference: every pair's final score in float64, sorted (small collections only)."""
-    f = np.asarray(features, dtype=np.float32)
-    n = len(f)
-    weights = np.array([w for _, w in boost.fields], dtype=np.float64)
-    rows = np.arange(n)
-    cand = np.stack([np.delete(rows, r) for r in rows])
-    final = (1 - boost.mix) * _visual64(f, rows, cand) + boost.mix * meta_scores(codes, weights, rows, cand)
-    i, s = _rank(final, cand, k)
-    return i.astype(np.int32), s.astype(np.float32)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadValue, UserError
-from .iiif import BadRowError, check_http_url, check_image_url, image_url
+from .iiif import BadRowError, check_http_url, check_image_url, check_uuid, image_url
 from .images import IMAGE_SUFFIXES
 from .manifest import MANIFEST_COLUMNS, OWN_COLUMNS
 
@@ -293,3 +293,22 @@ def limit_entries(entries: list[Entry], limit: int | None, sample: int | None, s
     if limit is not None:
         entries = entries[:limit]
     return entries
+
+
+def nga_entries(selection, size: int) -> list[Entry]:
+    """Rows of NGA's paintings (a pandas selection of :mod:`paintsim.nga`)'s selection: the uuid is the key, the image URL is built from the IIIF base."""
+    out: list[Entry] = []
+    for sel in selection.to_dict("records"):
+        row = {c: "" for c in MANIFEST_COLUMNS}
+        for c in ("uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification"):
+            row[c] = str(sel.get(c, "") or "")
+        entry = Entry(row)
+        out.append(entry)
+        try:
+            entry.key = check_uuid(sel["uuid"])
+            entry.url = image_url(sel["iiifurl"], size, sel.get("maxpixels"), sel.get("width"), sel.get("height"))
+        except (BadRowError, ValueError) as exc:
+            entry.key, entry.error = None, str(exc)
+            continue
+        row["uuid"], row["url"] = entry.key, entry.url
+    return out

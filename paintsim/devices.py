@@ -60,3 +60,29 @@ def auto_block_size(n: int, bytes_per_score_row: int | None = None,
         memory_budget = min(DEFAULT_MEMORY_BUDGET, available_memory() // 4)
     per_row = bytes_per_score_row or 12 * n
     return int(max(1, min(n, 4096, memory_budget // max(per_row, 1))))
+
+
+def configure_threads(threads: int, device: str) -> int:
+    """Set torch's intra-op threads (0 = all cores on the CPU); return the number used."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return torch.get_num_threads()
+
+
+def auto_workers(device: str, threads: int, cores: int | None = None) -> int:
+    """DataLoader processes for ``--workers -1``: min(8, cores) on CUDA; on the CPU 1, except 0
+    (decode in the main process, between batches) on a machine of at most 2 cores whose compute
+    threads take every core. There a decoding process preempts one of the two OpenMP threads and
+    stalls both at every barrier: measured on the 2-vCPU Sapphire Rapids, 2026-11-25
+    (``benchmarks/bench_extract.py --compare-precision``, benchmarks/results/extract_precision.json),
+    workers 0 against 1, threads 2, batch 8, medians of 3: ResNet50 fp32 24.3 vs 20.2 img/s, bf16
+    54.0 vs 44.6; MobileNetV2 fp32 87.9 vs 63.1, bf16 119.2 vs 80.9."""
+    cores = cores or os.cpu_count() or 1
+    if device == "cuda":
+        return min(8, cores)
+    return 0 if cores <= 2 and threads >= cores else 1
+

@@ -28,14 +28,13 @@ import pandas as pd
 from .artifacts import DataPaths, atomic_path
 from .errors import DISK_FULL_ERRNOS, BadValue, UserError
 from .fetch import FetchConfig, Politeness, RobotsRules, fetch, make_session
-from .collection import Entry, FolderIndex, folder_entries, limit_entries, read_metadata, url_entries
-from .iiif import BadRowError, check_objectid, check_uuid, image_url
+from .collection import Entry, FolderIndex, folder_entries, limit_entries, nga_entries, read_metadata, url_entries
+from .iiif import BadRowError, check_objectid
 from .images import ImageDecodeError, decode_rgb, read_file, verify_image
-from .manifest import FETCHED_FROM, MANIFEST_COLUMNS, read_manifest, write_manifest
+from .manifest import FETCHED_FROM, MANIFEST_COLUMNS, previous_rows, write_manifest
 from .nga import NGA_TABLES_URL, fetch_tables, load_tables, select_paintings
 
 log = logging.getLogger(__name__)
-
 
 
 class DiskFullError(UserError):
@@ -135,25 +134,6 @@ def check_image_file(path: Path) -> tuple[int, int, int]:
     if info.format != "JPEG":
         raise ImageDecodeError(f"{path}: is {info.format}, not a JPEG")
     return info.width, info.height, len(data)
-
-
-def nga_entries(selection: pd.DataFrame, size: int) -> list[Entry]:
-    """Rows of NGA's selection: the uuid is the key, the image URL is built from the IIIF base."""
-    out: list[Entry] = []
-    for sel in selection.to_dict("records"):
-        row = {c: "" for c in MANIFEST_COLUMNS}
-        for c in ("uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification"):
-            row[c] = str(sel.get(c, "") or "")
-        entry = Entry(row)
-        out.append(entry)
-        try:
-            entry.key = check_uuid(sel["uuid"])
-            entry.url = image_url(sel["iiifurl"], size, sel.get("maxpixels"), sel.get("width"), sel.get("height"))
-        except (BadRowError, ValueError) as exc:
-            entry.key, entry.error = None, str(exc)
-            continue
-        row["uuid"], row["url"] = entry.key, entry.url
-    return out
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -403,17 +383,6 @@ def _reason_key(error: str) -> str:
     return key[:120]
 
 
-def _previous_manifest(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    try:
-        df = read_manifest(path)
-    except UserError as exc:
-        log.warning("ignoring the unreadable previous manifest (%s)", exc)
-        return {}
-    return {r["key"].lower(): r for r in df.to_dict("records") if r["key"]}
-
-
 def _own_entries(opts: DownloadOptions) -> tuple[list[Entry], FolderIndex | None, str]:
     """One's own collection: the metadata CSV's rows (folder route) or the URL CSV's."""
     chosen = {"title": opts.title_column, "attribution": opts.artist_column,
@@ -462,7 +431,7 @@ def run_download(opts: DownloadOptions) -> DownloadSummary:
         entries = nga_entries(sel.rows, opts.size)
         downloader = Downloader(opts, index=FolderIndex(opts.images_from) if opts.images_from else None)
     try:
-        rows, items = downloader.plan(entries, _previous_manifest(paths.manifest))
+        rows, items = downloader.plan(entries, previous_rows(paths.manifest))
         for row in rows:
             if row["status"] == "failed":
                 log.warning("row key=%r title=%r %s", row.get("key") or row.get("uuid"), row["title"][:60],

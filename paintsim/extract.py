@@ -1,15 +1,16 @@
 """Stage 3: one L2-normalised embedding per painting, resumably.
 
 Items come from the manifest (status ok) or a folder; each is decoded (bounded) and preprocessed in
-DataLoader workers and embedded by :class:`~paintsim.embedder.Embedder`. Finished work is kept in
-chunk files under ``features_progress/`` (written atomically at batch boundaries), so a killed run
-resumes and gives the same arrays as an uninterrupted one, and a rerun after new downloads only
-embeds the new images. The outputs are written by :func:`paintsim.embeddings.write_embeddings`.
+DataLoader workers (:mod:`paintsim.items`) and embedded by :class:`~paintsim.embedder.Embedder`.
+Finished work is kept in chunk files under ``features_progress/`` (:mod:`paintsim.embed_loop`), so a
+killed run resumes and gives the same arrays as an uninterrupted one, and a rerun after new
+downloads only embeds the new images. The outputs are written by
+:func:`paintsim.embeddings.write_embeddings`.
 
-:func:`embed_items` is the one embedding loop (one :class:`~paintsim.embedder.Embedder`, one
-progress store). A single backbone uses it once, with ``features_progress/`` itself as its store; a
-fusion (several backbones, or ``pca``; :mod:`paintsim.fusion`) uses it once per model, each with its
-own store ``features_progress/models/<backbone>/``, then fuses the rows. ``output_dir`` puts the
+:func:`~paintsim.embed_loop.embed_items` is the one embedding loop. A single backbone uses it
+once, with ``features_progress/`` itself as its store; a fusion (several backbones, or ``pca``;
+:mod:`paintsim.fusion`) uses it once per model, each with its own store
+``features_progress/models/<backbone>/``, then fuses the rows. ``output_dir`` puts the
 outputs and the progress in another folder than the data dir whose manifest and images are read.
 """
 from __future__ import annotations
@@ -17,190 +18,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import artifacts
 from .artifacts import DataPaths
 from .backbones import DEFAULT_BACKBONE
-from .devices import resolve_device
-from .embedder import META_VERSION, Embedder, Preprocessing
+from .devices import auto_workers, configure_threads, resolve_device
+from .embed_loop import DEFAULT_CHUNK_SIZE, EmbedResult, collect_rows, embed_items
+from .embedder import META_VERSION, Embedder
 from .embeddings import Embeddings, write_embeddings
 from .errors import BadValue, UserError
-from .images import ImageDecodeError, decode_rgb, is_image_file, list_folder, read_file
-from .manifest import read_manifest
-from .progress import ChunkFolder, key_arrays
+from .items import Item, items_from_dir, items_from_manifest
 
 log = logging.getLogger(__name__)
 
-#: Default number of images per progress chunk (rounded up to whole batches).
-DEFAULT_CHUNK_SIZE = 512
 #: Auto batch sizes: on the CPU small batches keep activations in cache (measured fastest at 4-8,
 #: see docs/performance.md); a GPU wants large ones.
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 64
-
-
-# --------------------------------------------------------------------------------------------
-# what to extract
-
-
-@dataclass(frozen=True)
-class Item:
-    name: str        # the file name, unique in one run; goes into image_names.npy
-    file: str        # as reported in features_errors.csv (manifest's relative path, or the file name)
-    path: Path
-    size: int        # -1 when the file is missing
-    mtime_ns: int
-
-
-def _stat_item(name: str, file: str, path: Path) -> Item:
-    try:
-        st = path.stat()
-        return Item(name, file, path, int(st.st_size), int(st.st_mtime_ns))
-    except OSError:
-        return Item(name, file, path, -1, 0)
-
-
-def items_from_manifest(paths: DataPaths) -> list[Item]:
-    """The manifest's rows with status ok, in manifest order; paths confined to the data dir."""
-    df = read_manifest(paths.manifest)
-    items: list[Item] = []
-    seen: set[str] = set()
-    for row_no, (file, status) in enumerate(zip(df["file"], df["status"]), start=2):
-        if status != "ok":
-            continue
-        rel = Path(file)
-        # a path of the data dir by its words; a symbolic link in it is judged when it is read
-        if not file or rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise UserError(f"{paths.manifest} line {row_no}: file {file!r} is not a path inside {paths.root}")
-        name = rel.name
-        if name in seen:
-            log.warning("%s line %d: %s listed twice; using the first row", paths.manifest, row_no, name)
-            continue
-        seen.add(name)
-        items.append(_stat_item(name, file, paths.root / rel))
-    return items
-
-
-def items_from_dir(images_dir: str | os.PathLike[str]) -> list[Item]:
-    """Every regular, non-hidden file of ``images_dir`` (not recursive), sorted by name."""
-    try:
-        return [_stat_item(p.name, p.name, p) for p in list_folder(images_dir)]
-    except NotADirectoryError as exc:
-        raise UserError(f"--images-dir {exc}") from None
-
-
-class ImageDataset:
-    """Decode (bounded) and preprocess one item; failures come back as a reason, not an exception."""
-
-    def __init__(self, items: Sequence[Item], preprocessing: Preprocessing, faces: dict | None = None,
-                 margin: float = 0.3):
-        self.items = list(items)
-        self.preprocessing = preprocessing
-        self.faces, self.margin = faces, margin   # --crop faces: each image's faces (faces.csv)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        try:
-            if item.size < 0:
-                raise ImageDecodeError(f"{item.file}: file not found")
-            if not is_image_file(item.path):
-                raise ImageDecodeError(f"{item.file}: not an image file name (suffix {item.path.suffix!r})")
-            data = read_file(item.path)
-            if not data:
-                raise ImageDecodeError(f"{item.file}: empty file")
-            img = decode_rgb(data, str(item.path))
-            if self.faces is not None and self.faces.get(item.name):
-                from .faces import faces_box  # the box around all its faces; the whole painting without
-
-                box = faces_box(self.faces[item.name], self.margin, img.size)
-                if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:  # a box outside the image: the whole painting
-                    img = img.crop(box)
-            return i, self.preprocessing(img), ""
-        except ImageDecodeError as exc:
-            return i, None, str(exc).replace(str(item.path), item.file)
-        except Exception as exc:  # noqa: BLE001 - one bad image never stops a run
-            return i, None, f"{item.file}: {type(exc).__name__}: {exc}"
-
-
-def collate(samples):
-    import torch
-
-    ok = [(i, x) for i, x, _ in samples if x is not None]
-    errors = [(i, e) for i, x, e in samples if x is None]
-    idx = [i for i, _ in ok]
-    batch = torch.stack([x for _, x in ok]) if ok else None
-    return idx, batch, errors
-
-
-# --------------------------------------------------------------------------------------------
-# progress store
-
-
-class ProgressStore:
-    """Finished embeddings and errors, in atomically written chunk files of one configuration."""
-
-    def __init__(self, directory: Path, fingerprint: str, dim: int):
-        self.folder = ChunkFolder(directory, fingerprint, dimension=dim)
-        self.dim = dim
-        self.features: dict[tuple[str, int, int], np.ndarray] = {}
-        self.errors: dict[tuple[str, int, int], str] = {}
-
-    def load(self) -> None:
-        self.folder.open(self._read)
-
-    def _read(self, z) -> None:
-        feats = z["features"]
-        if feats.ndim != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"features of shape {feats.shape}")
-        for key, row in zip(zip(z["names"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()), feats):
-            self.features[key] = row
-            self.errors.pop(key, None)
-        for key, msg in zip(zip(z["err_names"].tolist(), z["err_sizes"].tolist(),
-                                z["err_mtimes"].tolist()), z["err_msgs"].tolist()):
-            self.errors[key] = msg
-            self.features.pop(key, None)
-
-    def done(self, item: Item) -> bool:
-        key = (item.name, item.size, item.mtime_ns)
-        return key in self.features or key in self.errors
-
-    def write_chunk(self, feats: list[tuple[Item, np.ndarray]], errors: list[tuple[Item, str]]) -> None:
-        if not feats and not errors:
-            return
-        self.folder.write(**self._arrays(feats, errors))
-        for item, row in feats:
-            self.features[(item.name, item.size, item.mtime_ns)] = row
-        for item, msg in errors:
-            self.errors[(item.name, item.size, item.mtime_ns)] = msg
-
-    def _arrays(self, feats, errors) -> dict[str, np.ndarray]:
-        names, sizes, mtimes = key_arrays(it for it, _ in feats)
-        enames, esizes, emtimes = key_arrays(it for it, _ in errors)
-        features = (np.stack([r for _, r in feats]).astype(np.float32) if feats
-                    else np.zeros((0, self.dim), np.float32))
-        return dict(names=names, sizes=sizes, mtimes=mtimes, features=features,
-                    err_names=enames, err_sizes=esizes, err_mtimes=emtimes,
-                    err_msgs=np.array([m for _, m in errors], dtype=str).reshape(-1))
-
-    def compact(self, items: Sequence[Item]) -> None:
-        """Rewrite the store as one chunk holding exactly the current items (drops stale entries)."""
-        feats = [(it, self.features[(it.name, it.size, it.mtime_ns)]) for it in items
-                 if (it.name, it.size, it.mtime_ns) in self.features]
-        errors = [(it, self.errors[(it.name, it.size, it.mtime_ns)]) for it in items
-                  if (it.name, it.size, it.mtime_ns) in self.errors]
-        if len(self.folder.chunks()) <= 1 and len(feats) + len(errors) == len(self.features) + len(self.errors):
-            return
-        self.folder.replace_all(**self._arrays(feats, errors))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,31 +69,6 @@ class ExtractConfig:
     whiten: bool = False            # divide each PCA component by its standard deviation
     output_dir: str | None = None   # where the outputs and progress go (default: data_dir)
     extra_meta: dict[str, Any] = field(default_factory=dict)
-
-
-def configure_threads(threads: int, device: str) -> int:
-    """Set torch's intra-op threads (0 = all cores on the CPU); return the number used."""
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return torch.get_num_threads()
-
-
-def auto_workers(device: str, threads: int, cores: int | None = None) -> int:
-    """DataLoader processes for ``--workers -1``: min(8, cores) on CUDA; on the CPU 1, except 0
-    (decode in the main process, between batches) on a machine of at most 2 cores whose compute
-    threads take every core. There a decoding process preempts one of the two OpenMP threads and
-    stalls both at every barrier: measured on the 2-vCPU Sapphire Rapids, 2026-11-25
-    (``benchmarks/bench_extract.py --compare-precision``, benchmarks/results/extract_precision.json),
-    workers 0 against 1, threads 2, batch 8, medians of 3: ResNet50 fp32 24.3 vs 20.2 img/s, bf16
-    54.0 vs 44.6; MobileNetV2 fp32 87.9 vs 63.1, bf16 119.2 vs 80.9."""
-    cores = cores or os.cpu_count() or 1
-    if device == "cuda":
-        return min(8, cores)
-    return 0 if cores <= 2 and threads >= cores else 1
 
 
 def _write_errors_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -346,90 +161,6 @@ def _prepare(cfg: ExtractConfig) -> _Run:
                  with_faces, len(items))
     return _Run(paths, out, items, source, device, threads, batch_size, workers, faces, crop_meta, digest)
 
-
-@dataclass
-class EmbedResult:
-    """One model's pass over the items: its store (every finished row and error) and the counts."""
-
-    store: ProgressStore
-    fingerprint: str
-    embedded: int
-    reused: int
-    todo: int
-    seconds: float
-
-
-def embed_items(emb: Embedder, items: Sequence[Item], store_dir: Path, fingerprint: str, *, device: str,
-                batch_size: int, workers: int, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True,
-                faces: dict | None = None, source: str = "", threads: int = 0) -> EmbedResult:
-    """Embed every item not yet in the progress store ``store_dir`` (of ``fingerprint``) with ``emb``,
-    in DataLoader batches, writing chunks as it goes (a kill keeps whole batches); return the store.
-
-    The one embedding loop of the stage: a single backbone and every model of a fusion go through it."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    store = ProgressStore(store_dir, fingerprint, emb.dim)
-    store.load()
-    todo = [it for it in items if not store.done(it)]
-    reused = len(items) - len(todo)
-    log.info("%s: %d image(s), %d already done, %d to embed with %s (%s, %s, %s, %d-dim) on %s "
-             "[batch %d, workers %d, threads %d, channels_last %s]", source, len(items), reused, len(todo),
-             emb.spec.name, emb.weights.id, emb.preprocessing.mode, emb.precision, emb.dim, device,
-             batch_size, workers, threads, emb.channels_last)
-
-    t0 = time.perf_counter()
-    embedded = 0
-    if todo:
-        loader = DataLoader(ImageDataset(todo, emb.preprocessing, faces), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=collate, pin_memory=(device == "cuda"),
-                            prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
-        pend_f: list[tuple[Item, np.ndarray]] = []
-        pend_e: list[tuple[Item, str]] = []
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"embedding ({emb.spec.name})",
-                   dynamic_ncols=True)
-        try:
-            for idx, batch, errors in loader:
-                for i, msg in errors:
-                    log.warning("skipped %s", msg)
-                    pend_e.append((todo[i], msg))
-                if batch is not None:
-                    out = emb.embed_uint8(batch)
-                    for i, row in zip(idx, out):
-                        if not np.all(np.isfinite(row)):
-                            msg = f"{todo[i].file}: the model produced a degenerate (zero or non-finite) embedding"
-                            log.warning("skipped %s", msg)
-                            pend_e.append((todo[i], msg))
-                        else:
-                            pend_f.append((todo[i], row))
-                            embedded += 1
-                bar.update(len(idx) + len(errors))
-                if len(pend_f) + len(pend_e) >= chunk_size:
-                    store.write_chunk(pend_f, pend_e)
-                    pend_f, pend_e = [], []
-        except KeyboardInterrupt:
-            store.write_chunk(pend_f, pend_e)  # whole batches only, so a resume stays batch-aligned
-            raise
-        else:
-            store.write_chunk(pend_f, pend_e)
-        finally:
-            bar.close()
-    return EmbedResult(store, fingerprint, embedded, reused, len(todo), time.perf_counter() - t0)
-
-
-def _collect(store: ProgressStore, items: Sequence[Item]) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
-    """(names, rows, error rows) of the items, in item order, from a complete store."""
-    names: list[str] = []
-    rows: list[np.ndarray] = []
-    error_rows: list[tuple[str, str]] = []
-    for it in items:
-        key = (it.name, it.size, it.mtime_ns)
-        if key in store.features:
-            names.append(it.name)
-            rows.append(store.features[key])
-        else:
-            error_rows.append((it.file, store.errors.get(key, "not processed")))
-    return names, rows, error_rows
 
 
 def _recorded_fingerprints(store_dir: Path, meta_path: Path | None) -> list[tuple[str, str]]:
@@ -526,7 +257,7 @@ def _extract_single(cfg: ExtractConfig, run: _Run, backbone: str) -> dict[str, A
                       batch_size=run.batch_size, workers=run.workers, chunk_size=cfg.chunk_size,
                       progress=cfg.progress, faces=run.faces, source=run.source, threads=run.threads)
     store = res.store
-    names, rows, error_rows = _collect(store, items)
+    names, rows, error_rows = collect_rows(store, items)
     if not rows:
         _write_errors_csv(paths.features_errors, error_rows)
         raise UserError(f"none of the {len(items)} image(s) could be read; see {paths.features_errors}")

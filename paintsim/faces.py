@@ -332,7 +332,7 @@ def run_faces(cfg: FaceConfig) -> dict[str, Any]:
 
     from .devices import resolve_device
     from .embeddings import write_embeddings
-    from .extract import items_from_dir, items_from_manifest
+    from .items import items_from_dir, items_from_manifest
     from .images import ImageDecodeError, load_rgb
 
     cfg.check()

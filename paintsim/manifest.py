@@ -7,11 +7,14 @@ come ``fetched_from`` (``http`` or ``images-from``) and any columns of a user's 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .artifacts import atomic_path
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
     "key", "uuid", "objectid", "title", "attribution", "displaydate", "medium", "classification",
@@ -69,3 +72,15 @@ def write_manifest(path: str | os.PathLike[str], df) -> None:
     df = df.fillna("")
     with atomic_path(path, suffix=".csv") as tmp:
         df.reindex(columns=cols).to_csv(tmp, index=False)
+
+
+def previous_rows(path: Path) -> dict[str, dict]:
+    """An earlier run's manifest rows by key (lower case); none when it is absent or unreadable."""
+    if not path.exists():
+        return {}
+    try:
+        df = read_manifest(path)
+    except UserError as exc:
+        log.warning("ignoring the unreadable previous manifest (%s)", exc)
+        return {}
+    return {r["key"].lower(): r for r in df.to_dict("records") if r["key"]}

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from helpers import run_script
-from paintsim.boost import Boost, boosted_top_k, brute_force
+from paintsim.boost import Boost, boosted_top_k
 from paintsim.errors import BadValue
 from paintsim.neighbours import load_table
+from reference import boosted_brute_force as brute_force
 from synthetic_collection import make_collection
 
 

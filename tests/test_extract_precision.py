@@ -281,7 +281,7 @@ def test_the_quality_gate_on_the_sample_with_the_real_weights(mobilenet_weights,
 
 
 def test_auto_workers_decode_in_the_main_process_on_a_two_core_machine():
-    from paintsim.extract import auto_workers
+    from paintsim.devices import auto_workers
 
     assert auto_workers("cpu", threads=2, cores=2) == 0     # a decoding process would stall both threads
     assert auto_workers("cpu", threads=1, cores=2) == 1     # a free core: decode there

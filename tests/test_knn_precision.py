@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from paintsim import knn, precision
+from paintsim.knn import cpu_pass, exact, scorers
 from paintsim.errors import BadValue
 from reference import brute_force_float64
 
@@ -142,8 +143,8 @@ def test_larger_realistic_features_match_float64_brute_force(n, d, k):
 
 def test_duplicates_beyond_the_candidate_list_take_the_exact_float32_route(monkeypatch):
     calls = []
-    real = knn._window_float32
-    monkeypatch.setattr(knn, "_window_float32", lambda *a: calls.append(len(a[1])) or real(*a))
+    real = exact._window_float32
+    monkeypatch.setattr(exact, "_window_float32", lambda *a: calls.append(len(a[1])) or real(*a))
     x = duplicates()
     i, s = knn.top_k_neighbors(x, 10, precision="bf16", block_size=32)
     assert calls and calls[0] >= 60
@@ -175,7 +176,7 @@ def test_bf16_error_bound_holds_on_the_pass_scores(make):
     """The scorer's bound |v~ - (x.y - c)| <= a + b|v~| against float64, on tiles and on the
     seeding sample's columns."""
     x = make()
-    sc = knn._Bf16Scorer(x, "cpu", 40, True)
+    sc = scorers._Bf16Scorer(x, "cpu", 40, True)
     exact = x.astype(np.float64) @ x.T.astype(np.float64) - sc.offset
     v = sc.scores(0, 400, 0, 400).float().numpy().astype(np.float64)
     assert (np.abs(v - exact) <= sc.a + sc.b * np.abs(v)).all()
@@ -188,24 +189,24 @@ def test_bf16_error_bound_holds_on_the_pass_scores(make):
 def test_centring_narrows_the_bf16_window_on_anisotropic_features():
     """Rows sharing a mean direction: the residuals' bound is far below the uncentred one."""
     x = far_from_centre(400, 512)
-    sc = knn._Bf16Scorer(x, "cpu", 40, True)
+    sc = scorers._Bf16Scorer(x, "cpu", 40, True)
     uncentred = 2 * 2.0 ** -8 * (1 + 2.0 ** -8)       # (2u + u^2) |x||y| with u = 2^-8
     assert sc.a < uncentred / 4
 
 
 def test_bf16_keys_order_as_the_values_do():
     bits = np.arange(-2**15, 2**15, dtype=np.int32).astype(np.int16)
-    vals = knn._bf16_values(bits)
+    vals = cpu_pass._bf16_values(bits)
     ok = ~np.isnan(vals)
     bits, vals = bits[ok], vals[ok]
-    keys = knn._bf16_keys(bits.copy())
+    keys = cpu_pass._bf16_keys(bits.copy())
     order = np.argsort(keys, kind="stable")
     assert (np.diff(vals[order]) >= 0).all()
-    np.testing.assert_array_equal(knn._bf16_keys(keys.copy()), bits)   # its own inverse
+    np.testing.assert_array_equal(cpu_pass._bf16_keys(keys.copy()), bits)   # its own inverse
     scratch = np.empty(len(bits), dtype=np.int16)
-    np.testing.assert_array_equal(knn._bf16_keys(bits.copy(), scratch), keys)
+    np.testing.assert_array_equal(cpu_pass._bf16_keys(bits.copy(), scratch), keys)
     th = np.array([-np.inf, -1.5, -1e-3, 0.0, 1e-3, 0.7734, 3.0], dtype=np.float32)
-    tk = knn._bf16_threshold_keys(th)
+    tk = cpu_pass._bf16_threshold_keys(th)
     for t, key in zip(th, tk):   # the smallest bf16 value reaching t is the first key >= tk
         assert vals[keys >= key].min() >= t and (vals[keys < key] < t).all()
 
@@ -215,10 +216,10 @@ def test_a_seed_above_the_kth_score_never_changes_the_result(monkeypatch, prec):
     """Placeholders at a too-high starting threshold stay inside the window: the rows are redone."""
     x = realistic(300, 64, 11)
     expected = exact_reference(x, 10)
-    monkeypatch.setattr(knn, "_seed_thresholds", lambda sc, k, ex, b: np.full(sc.n, 5.0, np.float32))
+    monkeypatch.setattr(cpu_pass, "_seed_thresholds", lambda sc, k, ex, b: np.full(sc.n, 5.0, np.float32))
     redone = []
-    real = knn._window_float32
-    monkeypatch.setattr(knn, "_window_float32", lambda *a: redone.append(len(a[1])) or real(*a))
+    real = exact._window_float32
+    monkeypatch.setattr(exact, "_window_float32", lambda *a: redone.append(len(a[1])) or real(*a))
     i, s = knn.top_k_neighbors(x, 10, precision=prec, block_size=64)
     assert redone == [300]
     np.testing.assert_array_equal(i, expected[0])

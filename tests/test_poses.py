@@ -15,8 +15,9 @@ from paintsim import artifacts
 from paintsim.embeddings import Embeddings
 from paintsim.errors import UserError
 from paintsim.knn import search
-from paintsim.poses import (CSV_HEADER, FLIP, KEYPOINT_NAMES, PosesConfig, asymmetry, build_pose_model,
-                            descriptors, extract_poses, mirror_keypoints, pose_descriptor, poses_csv)
+from paintsim.pose_descriptor import FLIP, KEYPOINT_NAMES, asymmetry, descriptors, mirror_keypoints, pose_descriptor
+from paintsim.pose_model import build_pose_model
+from paintsim.poses import CSV_HEADER, PosesConfig, extract_poses, poses_csv
 
 #: Small and few: Keypoint R-CNN costs about half a second per 128-px image on 2 CPU cores.
 FAST = ["--random-weights", "--min-score", "0", "--max-size", "128", "--max-persons", "3", "--no-progress"]
@@ -151,7 +152,7 @@ def test_detections_come_back_in_each_images_own_pixels():
     """A flat colour looks the same at any size once resized to --max-size, so the persons the
     (random) model finds in it at 200 x 150 and at 400 x 300 px must be the same, at twice the
     coordinates: boxes and keypoints are mapped back, not left at the detector's 128 px."""
-    from paintsim.poses import PoseDetector
+    from paintsim.pose_model import PoseDetector
 
     det = PoseDetector.create(random_weights=True, device="cpu", min_score=0.0, max_size=128, max_persons=3)
     small, large = det.detect([Image.new("RGB", size, (120, 90, 60)) for size in [(200, 150), (400, 300)]])
