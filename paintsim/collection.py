@@ -296,7 +296,8 @@ def limit_entries(entries: list[Entry], limit: int | None, sample: int | None, s
 
 
 def nga_entries(selection, size: int) -> list[Entry]:
-    """Rows of NGA's paintings (a pandas selection of :mod:`paintsim.nga`)'s selection: the uuid is the key, the image URL is built from the IIIF base."""
+    """Entries of NGA's paintings (the pandas selection of :mod:`paintsim.nga`): the uuid is the
+    key, the image URL is built from the IIIF base."""
     out: list[Entry] = []
     for sel in selection.to_dict("records"):
         row = {c: "" for c in MANIFEST_COLUMNS}

@@ -85,4 +85,3 @@ def auto_workers(device: str, threads: int, cores: int | None = None) -> int:
     if device == "cuda":
         return min(8, cores)
     return 0 if cores <= 2 and threads >= cores else 1
-

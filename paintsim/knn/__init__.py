@@ -1,6 +1,6 @@
 """The one blockwise all-pairs kernel: unit-row arrays in, exact top-k cosine neighbours out.
 
-Every similarity route of paintsim goes through this module:
+Every similarity route of paintsim goes through this package:
 
 * :func:`top_k_neighbors` streams blocks of rows against all rows and keeps a running top list per
   row (faiss ``exhaustive_search`` style), so the N x N matrix never exists in memory;
