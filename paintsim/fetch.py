@@ -7,13 +7,15 @@ a run. What to retry and how long to wait is urllib3's :class:`~urllib3.util.Ret
 seconds or as an HTTP date, capped). What it lacks is kept here: a ``Retry-After`` pauses *every*
 worker (the server is one host), a body cut short is retried like a dropped connection, a body
 has a size cap, and each URL has a total deadline (a server dripping one byte per second never
-trips a per-read timeout).
+trips a per-read timeout): past it, a watchdog thread shuts the attempt's socket, so even a status
+line or headers sent a byte at a time end on time.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
@@ -134,6 +138,107 @@ class Politeness:
                 return
 
 
+class _Attempt:
+    """One GET under a deadline: the connections it used, and whether the watchdog cut them."""
+
+    __slots__ = ("deadline", "conns", "cut")
+
+    def __init__(self, deadline: float):
+        self.deadline, self.conns, self.cut = deadline, [], False
+
+
+class _Watchdog:
+    """One thread for all workers: shuts the sockets of every attempt past its deadline.
+
+    A per-read timeout never fires on a server that answers a byte at a time, in the body or in
+    the status line and headers (where no code of ours runs); shutting the socket makes the
+    blocked receive return at once, and the attempt is marked so its error says why.
+    """
+
+    TICK = 0.1  # seconds: how late past its deadline an attempt may end
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._attempts: set[_Attempt] = set()
+        self._thread: threading.Thread | None = None
+
+    def start(self, attempt: _Attempt) -> None:
+        with self._cond:
+            self._attempts.add(attempt)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="paintsim-fetch-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def end(self, attempt: _Attempt) -> None:
+        with self._cond:
+            self._attempts.discard(attempt)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._attempts:
+                    self._cond.wait()
+                now = time.monotonic()
+                late = [a for a in self._attempts if now >= a.deadline]
+                for attempt in late:
+                    self._attempts.discard(attempt)
+                    attempt.cut = True
+                    for conn in attempt.conns:
+                        sock = getattr(conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+            time.sleep(self.TICK)
+
+
+_WATCHDOG = _Watchdog()
+_current = threading.local()  # the calling thread's _Attempt, read by its connections
+
+
+def _watched(base: type) -> type:
+    """``base`` (urllib3's connection class) enrolling itself in the calling thread's attempt."""
+
+    class Watched(base):  # type: ignore[misc, valid-type]
+        def request(self, *args, **kwargs):
+            attempt = getattr(_current, "attempt", None)
+            if attempt is not None:
+                attempt.conns.append(self)
+                if attempt.cut:  # the deadline passed while this connection was being opened
+                    raise requests.exceptions.ConnectionError("deadline passed")
+            return super().request(*args, **kwargs)
+
+    Watched.__name__ = f"Watched{base.__name__}"
+    return Watched
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _watched(HTTPConnection)
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _watched(HTTPSConnection)
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter whose pools (direct and through an HTTP proxy) the watchdog can cut."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        return manager
+
+
 def make_session(workers: int = 1, user_agent: str | None = None) -> requests.Session:
     """A session whose connection pool fits ``workers`` threads (keep-alive reuse; retries are ours).
 
@@ -144,7 +249,7 @@ def make_session(workers: int = 1, user_agent: str | None = None) -> requests.Se
     session = requests.Session()
     session.trust_env = False
     session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, workers), max_retries=0)
+    adapter = _Adapter(pool_connections=4, pool_maxsize=max(1, workers), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = user_agent or default_user_agent()
@@ -228,6 +333,10 @@ def _with_retries(session: requests.Session, url: str, config: FetchConfig,
             return result
         result.attempts += 1
         retry_after = None
+        attempt = _Attempt(deadline) if deadline is not None else None
+        if attempt is not None:
+            _current.attempt = attempt
+            _WATCHDOG.start(attempt)
         try:
             with session.get(url, stream=True, timeout=(config.connect_timeout, config.read_timeout),
                              allow_redirects=True, proxies=_env_proxies(url)) as resp:
@@ -247,6 +356,8 @@ def _with_retries(session: requests.Session, url: str, config: FetchConfig,
                     except _Fatal as exc:
                         result.error = str(exc)
                         return result
+                    if attempt is not None and attempt.cut:  # a cut body can look complete
+                        raise _Retryable("cut at the deadline")
                     result.ok, result.error = True, ""
                     return result
         except _Retryable as exc:
@@ -265,6 +376,14 @@ def _with_retries(session: requests.Session, url: str, config: FetchConfig,
             retry = _increment(retry, url, exc)
         except MaxRetryError:
             retry = None
+        finally:
+            if attempt is not None:
+                _current.attempt = None
+                _WATCHDOG.end(attempt)
+        if attempt is not None and attempt.cut:
+            result.ok, result.data = False, None
+            result.error = f"deadline of {config.deadline:g}s passed while waiting for the answer"
+            return result
         if retry is None:
             break
         delay = retry_after if retry_after is not None else retry.get_backoff_time()

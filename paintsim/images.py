@@ -156,13 +156,18 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS,
     return decode_image(read_file(path, within=within), str(path), max_pixels)
 
 
+#: A float image whose largest sample is at most this is in fractions of white: highlights a
+#: little over 1 (from a colour transform or an HDR export) are clipped, not read as 0..255.
+FLOAT_FRACTION_MAX = 2.0
+
+
 def _to_8bit(arr: np.ndarray, bits: int | None = None) -> np.ndarray:
-    """Samples to 0..255. ``bits`` when the mode says it (16); otherwise floats up to 1 are
-    fractions, and integers are 8-, 16- or 32-bit by their largest value."""
+    """Samples to 0..255. ``bits`` when the mode says it (16); otherwise floats up to
+    ``FLOAT_FRACTION_MAX`` are fractions, and integers are 8-, 16- or 32-bit by their largest value."""
     x = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(x.max()) if x.size else 0.0
     if bits is None:
-        bits = 0 if arr.dtype.kind == "f" and top <= 1.0 else 8 if top <= 255 else 16 if top <= 65535 else 31
+        bits = 0 if arr.dtype.kind == "f" and top <= FLOAT_FRACTION_MAX else 8 if top <= 255 else 16 if top <= 65535 else 31
     scale = 255.0 if bits == 0 else 255.0 / (2**bits - 1)
     return np.clip(x * scale, 0, 255).round().astype(np.uint8)
 

@@ -32,7 +32,8 @@ HTML_ERROR = (b"<!DOCTYPE html><html><head><title>Service Unavailable</title></h
 
 @dataclass
 class Misbehave:
-    """What to do instead of answering well: kind in {429, 503, slow, truncate, html, 404}."""
+    """What to do instead of answering well: kind in {429, 503, slow, drip, truncate, html, 404}
+    (drip: the status line and headers sent one byte every ``delay`` seconds, never finished)."""
 
     kind: str
     times: int = 10 ** 9          # how many requests misbehave before good answers resume
@@ -92,6 +93,16 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if mis.kind == "slow":
                 time.sleep(mis.delay)
+            elif mis.kind == "drip":
+                try:
+                    for byte in b"HTTP/1.1 200 OK\r\n" + b"X" * 100000:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(mis.delay)
+                except OSError:  # the client gave up: its deadline
+                    pass
+                self.close_connection = True
+                return
             elif mis.kind == "truncate" and body is not None:
                 self._send(200, body, "image/jpeg", send_bytes=len(body) // 2)
                 return

@@ -136,6 +136,19 @@ def test_slow_response_past_the_timeout_is_retried_then_failed(tmp_path, server)
     assert not (tmp_path / "data" / "images" / f"{UUIDS[2]}.jpg").exists()
 
 
+def test_a_download_whose_server_drips_headers_fails_that_row_at_its_deadline(tmp_path, server):
+    server.misbehave[UUIDS[1]] = Misbehave("drip", delay=0.1)  # each read quick, headers never end
+    fetch = FetchConfig(connect_timeout=2, read_timeout=2, max_retries=2, backoff=0.01, deadline=1.5)
+    t0 = time.monotonic()
+    run_download(_opts(tmp_path, server, limit=4, fetch=fetch))
+    assert time.monotonic() - t0 < 10
+    m = _manifest(tmp_path)
+    assert m.loc[UUIDS[1], "status"] == "failed"
+    assert m.loc[UUIDS[1], "error"] == "deadline of 1.5s passed while waiting for the answer"
+    assert (m.drop(UUIDS[1])["status"] == "ok").all()  # the other workers were not held up
+    assert not (tmp_path / "data" / "images" / f"{UUIDS[1]}.jpg").exists()
+
+
 def test_truncated_body_fails_with_the_reason_and_no_file(tmp_path, server):
     server.misbehave[UUIDS[4]] = Misbehave("truncate")
     run_download(_opts(tmp_path, server, limit=6))

@@ -334,17 +334,25 @@ def test_elongated_images_are_refused_before_any_resize(tmp_path, mobilenet_weig
 
 
 class _Drip(BaseHTTPRequestHandler):
-    """An image server that sends one byte every 0.2 s: each read is quick, the whole never ends."""
+    """An image server that sends one byte every 0.2 s, in the body or already in the headers:
+    each read is quick, the whole never ends."""
+
+    where = "body"
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
         try:
+            if self.where == "headers":
+                for _ in range(100000):  # "HTTP/1.1 200 OK" never finishes arriving
+                    self.wfile.write(b"X-Slow: " if _ == 0 else b"a")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
             for _ in range(100000):
                 self.wfile.write(b"\xff")
                 self.wfile.flush()
@@ -353,15 +361,22 @@ class _Drip(BaseHTTPRequestHandler):
             pass
 
 
-def test_an_image_url_that_drips_gives_up_at_its_deadline():
-    from paintsim import query
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+def _drip_server(where: str) -> ThreadingHTTPServer:
+    handler = type(f"Drip_{where}", (_Drip,), {"where": where})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_an_image_url_that_drips_gives_up_at_its_deadline(where):
+    from paintsim import query
+
+    server = _drip_server(where)
     try:
         t0 = time.monotonic()
-        with pytest.raises(UserError, match="deadline passed"):
+        with pytest.raises(UserError, match=r"deadline (of 2s )?passed"):
             query.fetch_url(f"http://127.0.0.1:{server.server_port}/painting.jpg", deadline=2.0)
         assert time.monotonic() - t0 < 6
     finally:
@@ -386,6 +401,13 @@ def test_spreadsheet_formulas_are_neutralised_for_people_and_the_manifest_stays_
         assert not cell.startswith(("=", "+", "-", "@")), cell
     assert set(listed["title"]) == {"'" + t for t in titles[:4]}
     assert listed["score"].map(float).between(-1, 1).all()  # numbers stay numbers
+    run_script("optimized_similarity.py", "--data-dir", data, "--k", "4", "--no-progress")
+    run_script("display_similar.py", "--data-dir", data, "--all", "--k", "4")
+    every = pd.read_csv(data / "neighbours.csv", dtype=str, keep_default_na=False)
+    text = [c for col in ("query_title", "query_attribution", "neighbour_title", "neighbour_attribution")
+            for c in every[col]]
+    assert len(every) == 20 and not any(c.startswith(("=", "+", "-", "@")) for c in text)
+    assert set(every["query_title"]) == {"'" + t for t in titles[:4]} | {titles[4]}
     imgs = tmp_path / "imgs"
     copy_images(imgs, 2)
     (imgs / "=evil.jpg").write_bytes(b"not an image")
@@ -406,6 +428,12 @@ def test_sixteen_bit_and_float_images_keep_their_tones(tmp_path):
     Image.fromarray(ramp8.astype(np.float32) / 255.0, "F").save(buf, "TIFF")
     as_float = decode_rgb(buf.getvalue())
     assert np.abs(np.asarray(as_float)[..., 0].astype(int) - ramp8).max() <= 1
+    hot = ramp8.astype(np.float32) / 255.0
+    hot[:, -8:] = 1.03  # a highlight just over white: clipped, the rest keeps its tones
+    buf = io.BytesIO()
+    Image.fromarray(hot, "F").save(buf, "TIFF")
+    as_hot = np.asarray(decode_rgb(buf.getvalue()))[..., 0].astype(int)
+    assert (as_hot[:, -8:] == 255).all() and np.abs(as_hot[:, :-8] - ramp8[:, :-8]).max() <= 1
     # and through a file, the way the stages read it
     (tmp_path / "g16.png").write_bytes(_png(ramp16))
     assert np.asarray(load_rgb(tmp_path / "g16.png")).mean() == pytest.approx(ramp8.mean(), abs=0.5)
