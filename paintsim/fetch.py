@@ -312,6 +312,9 @@ def _stream(resp: requests.Response, max_bytes: int, deadline: float | None, sin
         detail = str(exc.args[-1] if exc.args else exc)[:120]
         raise _Retryable(f"truncated body (expected {expected if expected is not None else '?'} bytes; "
                          f"{detail})") from exc
+    attempt = getattr(_current, "attempt", None)
+    if attempt is not None and attempt.cut:  # the watchdog ended it: a body without a length looks whole
+        raise _Retryable("cut at the deadline")
     if expected is not None and got < expected and not resp.headers.get("Content-Encoding"):
         raise _Retryable(f"truncated body (got {got} of {expected} bytes)")
     return got
@@ -356,8 +359,6 @@ def _with_retries(session: requests.Session, url: str, config: FetchConfig,
                     except _Fatal as exc:
                         result.error = str(exc)
                         return result
-                    if attempt is not None and attempt.cut:  # a cut body can look complete
-                        raise _Retryable("cut at the deadline")
                     result.ok, result.error = True, ""
                     return result
         except _Retryable as exc:

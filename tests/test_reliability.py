@@ -344,9 +344,9 @@ class _Drip(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         try:
-            if self.where == "headers":
-                for _ in range(100000):  # "HTTP/1.1 200 OK" never finishes arriving
-                    self.wfile.write(b"X-Slow: " if _ == 0 else b"a")
+            if self.where == "headers":  # the status line arrives, then a header that never ends
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100000:
+                    self.wfile.write(bytes([byte]))
                     self.wfile.flush()
                     time.sleep(0.2)
             self.send_response(200)
