@@ -197,3 +197,29 @@ def test_a_manifest_written_before_keys_reads_with_keys_from_its_files(tmp_path)
         w.writerow([{"uuid": "x", "status": "failed", "source": "http"}.get(c, "") for c in cols])
     m = read_manifest(old)
     assert list(m["key"]) == [u, "x"] and list(m["fetched_from"]) == ["http", "http"]
+
+
+def test_make_collection_fetches_a_csv_of_urls_through_every_stage(tmp_path, server, mobilenet_weights):
+    """`make collection URLS=...` (run_pipeline.sh --urls) on a local server, two rows failing."""
+    import subprocess
+    import sys
+
+    rows = sample_records()[:13]
+    listed = [{"Accession Number": f"A-{i}", "Image URL": f"{server.iiif_base(r['uuid'])}/info.json",
+               "Title": r["title"], "Artist": r["artist"], "museum": "NGA"} for i, r in enumerate(rows)]
+    listed.append({"Accession Number": "A-404", "Image URL": f"{server.base_url}/iiif/"
+                   "00000000-0000-4000-8000-000000000000/info.json", "Title": "gone", "Artist": "", "museum": ""})
+    urls = _write_csv(tmp_path / "urls.csv", listed)
+    data = tmp_path / "collection"
+    venv = Path(sys.prefix)
+    env = {**os.environ, "BACKBONE": "mobilenet_v2", "NO_PROGRESS": "1", "QUERY": "A-3"}
+    proc = subprocess.run(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "collection", f"VENV={venv}",
+                           f"URLS={urls}", f"COLLECTION_DIR={data}", "ID_COLUMN=Accession Number"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = read_manifest(data / "manifest.csv").set_index("key", drop=False)
+    assert (m["status"] == "ok").sum() == 13 and m.loc["A-404", "status"] == "failed"
+    assert len(np.load(data / "image_names.npy")) == 13
+    assert np.load(data / "top_10_similar.npy")["index"].shape == (13, 10)
+    assert f"query: {rows[3]['title']!r} by {rows[3]['artist']}" in proc.stdout
+    assert (data / "evaluation.json").is_file() and (data / "site" / "index.html").is_file()

@@ -83,10 +83,18 @@ def record_link(rec: dict, columns: tuple[str, ...] = RECORD_URL_COLUMNS) -> str
         if link:
             return link
     objectid = str(rec.get("objectid", "") or "")
-    url = str(rec.get("url", "") or "")
-    if objectid.isdigit() and ("nga.gov" in url or rec.get("uuid")):
+    if objectid.isdigit() and _from_nga(str(rec.get("url", "") or "")):
         return NGA_OBJECT_PAGE.format(objectid=objectid)
     return ""
+
+
+def _from_nga(url: str) -> bool:
+    """Only an image NGA served makes the objectid NGA's: a user's own uuid and objectid columns do not."""
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    return host == "nga.gov" or host.endswith(".nga.gov")
 
 
 def paintings(coll, record_column: str | None = None) -> list[Painting]:
