@@ -66,6 +66,22 @@ def test_the_site_has_a_page_per_painting_thumbnails_a_map_and_no_broken_link(co
     assert "random pairs of paintings of this collection score" in page
 
 
+def test_a_record_link_is_a_column_of_ones_own_or_ngas_page_only_for_an_image_nga_served(collection):
+    root = collection["root"]
+    m = read_manifest(root / "manifest.csv")
+    m["web_link"] = ""
+    m.loc[1, "web_link"] = "javascript:alert(1)"
+    m.loc[2, "web_link"] = "https://museum.example/objects/2"
+    m.loc[3, "url"] = "http://127.0.0.1:9/iiif/x/full/max/0/default.jpg"  # own uuid + numeric objectid, not NGA's
+    write_manifest(root / "manifest.csv", m)
+    build_site(root, _cfg(record_column="web_link"))
+    stems = _stems(root / "site")
+    pages = [(root / "site" / "paintings" / f"{s}.html").read_text() for s in stems[:4]]
+    assert "javascript:" not in pages[1] and 'href="https://museum.example/objects/2"' in pages[2]
+    # a row without a link of its own gets NGA's page only when NGA served its image
+    assert "art-object-page.1000.html" in pages[0] and 'class="record"' not in pages[3]
+
+
 def test_titles_and_artists_from_the_csv_are_escaped(collection):
     root = collection["root"]
     build_site(root, _cfg())
