@@ -59,8 +59,8 @@ def make_collection(root: Path, n_random: int = 60, n_groups: int = 5, copies: i
     rows = []
     for i, (u, name, artist) in enumerate(zip(uuids, names, artists)):
         row = dict.fromkeys(MANIFEST_COLUMNS, "")
-        row.update(uuid=u, objectid=str(1000 + i),
-                   url=f"https://api.nga.gov/iiif/{u}/full/!640,640/0/default.jpg", title=f"Painting {i}", attribution=artist,
+        row.update(uuid=u, objectid=str(1000 + i), url=f"https://api.nga.gov/iiif/{u}/full/!640,640/0/default.jpg",
+                   title=f"Painting {i}", attribution=artist,
                    displaydate=str(1400 + i), classification="Painting", file=f"images/{name}", status="ok",
                    width=str(image_size), height=str(image_size))
         rows.append(row)
