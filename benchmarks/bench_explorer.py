@@ -11,7 +11,9 @@ neighbour table from ``optimized_similarity.py``. Then ``explore_collection.py``
 child process (the first build, then a rebuild with nothing changed; wall time and peak RSS of
 each), the site is measured (bytes, files, per 1,000 paintings), and headless Chromium (Debian's,
 through Playwright) opens the index from ``file://`` until the map is drawn, and a painting page
-until every image has decoded (median of 5 loads each). One JSON line is printed and saved under
+until every image has decoded (median of 5 loads each); on the loaded index it times a redraw of the
+whole map, a search over every title, and counts the page's DOM elements (which must not grow with
+N). One JSON line, stamped with the machine (``machine_info.stamp``), is printed and saved under
 ``benchmarks/results/``.
 """
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+from machine_info import stamp  # noqa: E402
 
 
 def synthetic(root: Path, n: int, dim: int) -> None:
@@ -108,8 +111,28 @@ def load_times(site: Path, stem: str, repeats: int = 5) -> dict:
                 times.append(time.perf_counter() - t0)
                 page.close()
             out[label] = {"median_s": round(statistics.median(times), 3), "all_s": [round(t, 3) for t in times]}
+        out["index_interaction"] = interaction(browser, site)
         browser.close()
     return out
+
+
+def interaction(browser, site: Path, repeats: int = 5) -> dict:
+    """On the loaded collection page: a full redraw of the map, a search over every title and artist
+    (until the grid shows the matches), and the number of DOM elements, which stays small at any N."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((site / "index.html").as_uri())
+    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0", timeout=120_000)
+    redraw = page.evaluate("""(r) => { const t = [];
+        for (let i = 0; i < r; i++) { const t0 = performance.now(); window.paintsimExplorer.draw();
+                                      t.push(performance.now() - t0); } return t; }""", repeats)
+    search = page.evaluate("""(r) => { const q = document.getElementById('q'), t = [];
+        for (let i = 0; i < r; i++) { for (const v of ['madonna', '']) { const t0 = performance.now();
+            q.value = v; q.dispatchEvent(new Event('input')); t.push(performance.now() - t0); } }
+        return t; }""", repeats)
+    dom = page.evaluate("() => document.getElementsByTagName('*').length")
+    page.close()
+    return {"redraw_ms_median": round(statistics.median(redraw), 1),
+            "search_ms_median": round(statistics.median(search), 1), "dom_elements": dom}
 
 
 def main() -> None:
@@ -134,10 +157,7 @@ def main() -> None:
     result = {"n": n, "first_build": first, "rebuild_nothing_changed": again, "site": size,
               "site_mib_per_1000": round(size["bytes"] / 2**20 / n * 1000, 2),
               "build_seconds_per_1000": round(first["seconds"] / n * 1000, 2),
-              "load": load_times(site, stem), "machine": platform.processor() or platform.machine(),
-              "cpu": subprocess.run("lscpu | grep 'Model name' | cut -d: -f2", shell=True, capture_output=True,
-                                    text=True).stdout.strip(),
-              "date": time.strftime("%Y-%m-%d")}
+              "load": load_times(site, stem), **stamp()}
     print(json.dumps(result))
     out = REPO / "benchmarks" / "results" / f"explorer_n{n}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

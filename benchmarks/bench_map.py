@@ -12,13 +12,13 @@ direction (every cosine is positive, as with CNN features after ReLU), clusters 
 sizes grouped under super-clusters, and noise with a decaying spectrum, so pairwise cosines lie
 around 0.5-0.8. ``run`` memory-maps them read-only (as ``Embeddings.load`` does), computes the map
 (``compute_map_detailed``), then the sampled trustworthiness estimate, and prints one JSON line
-with the phases' seconds and the process's peak RSS (``/usr/bin/time -v`` reports the same peak).
+with the phases' seconds and the process's peak RSS (``/usr/bin/time -v`` reports the same peak),
+stamped with the machine, and saves it as ``benchmarks/results/map_n<N>_d<D>.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import time
@@ -28,6 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def build(out: Path, n: int, dim: int, n_clusters: int = 300, seed: int = 0) -> None:
@@ -77,9 +78,13 @@ def run(features_path: Path, knn: str, n_jobs: int, n_queries: int, k: int, skip
         out.update(trust_seconds=round(time.perf_counter() - t1, 1),
                    trustworthiness={key: trust[key] for key in ("k", "value", "ci95", "chance", "n_queries")})
     out.update(peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2**10 / 2**30, 2),
-               features_gib=round(features_path.stat().st_size / 2**30, 2),
-               machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"))
+               features_gib=round(features_path.stat().st_size / 2**30, 2))
+    from machine_info import stamp
+
+    out.update(stamp())
     print(json.dumps(out))
+    dest = REPO / "benchmarks" / "results" / f"map_n{out['n']}_d{out['dim']}.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ def machine() -> dict:
     info = lscpu()
     flags = set(info.get("Flags", "").split())
     return {"cpu_model_name": info.get("Model name") or platform.processor() or platform.machine(),
+            "cpu_family_model": f"{info.get('CPU family', '?')}/{info.get('Model', '?')}",
             "cpu_flags": {f: f in flags for f in BF16_FLAGS},
             "hypervisor": info.get("Hypervisor vendor", ""),
             "cores": os.cpu_count(), "torch": torch.__version__,

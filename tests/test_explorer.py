@@ -247,3 +247,92 @@ def test_a_click_on_the_map_opens_that_paintings_page(collection, browser):
     assert "/paintings/" in page.url and page.url.endswith(".html")
     assert v.errors == [] and v.left_the_machine() == []
     page.close()
+
+
+def _on_screen(page, rows, fields, i) -> tuple[float, float]:
+    """Where painting i is drawn on the map now, in page pixels (the page's own transform)."""
+    box = page.locator("#map").bounding_box()
+    view = page.evaluate("() => window.paintsimExplorer.view")
+    base = min(box["width"], box["height"]) * 0.46
+    x, y = rows[i][fields.index("x")], rows[i][fields.index("y")]
+    return (box["x"] + box["width"] / 2 + (x * base + view["x"]) * view["s"],
+            box["y"] + box["height"] / 2 - (y * base - view["y"]) * view["s"])
+
+
+def test_the_artist_filter_narrows_the_grid_and_hovering_the_map_names_title_and_artist(collection, browser):
+    build_site(collection["root"], _cfg())
+    site = collection["root"] / "site"
+    fields, rows = data_rows(site)
+    v = Visit(browser, (site / "index.html").as_uri())
+    page = v.page
+    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
+    planted = sum(r[fields.index("artist")] == "Planted Artist 1" for r in rows)
+    assert planted == 4
+    page.fill("#artist", "planted artist 1")
+    assert page.inner_text("#count") == f"{planted} of 28 paintings"
+    assert {t.inner_text() for t in page.locator("#grid .card .a").all()} == {"Planted Artist 1"}
+    page.fill("#artist", "")
+    page.mouse.move(*_on_screen(page, rows, fields, 7))
+    tip = page.inner_text("#tooltip")
+    assert tip.startswith(rows[7][fields.index("title")]) and rows[7][fields.index("artist")] in tip
+    # the hostile title is text in the tooltip too
+    page.mouse.move(*_on_screen(page, rows, fields, 0))
+    assert page.inner_text("#tooltip").startswith(HOSTILE) and page.evaluate("() => window.pwned") is None
+    assert v.errors == [] and v.left_the_machine() == []
+    page.close()
+
+
+def test_the_map_zooms_about_the_cursor_and_a_drag_pans_it_without_opening_a_page(collection, browser):
+    build_site(collection["root"], _cfg())
+    site = collection["root"] / "site"
+    fields, rows = data_rows(site)
+    v = Visit(browser, (site / "index.html").as_uri())
+    page = v.page
+    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
+    drawn = lambda: int(page.evaluate("() => document.getElementById('map').dataset.drawn"))  # noqa: E731
+    assert drawn() == 28
+    x7, y7 = _on_screen(page, rows, fields, 7)
+    px, py = round(x7), round(y7)  # mouse events carry whole pixels
+    page.mouse.move(px, py)
+    for _ in range(3):
+        page.mouse.wheel(0, -500)
+    page.wait_for_function("() => window.paintsimExplorer.view.s > 5")
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    # zoomed about the cursor: the point under it stays there, and fewer paintings are in view
+    s = page.evaluate("() => window.paintsimExplorer.view.s")
+    qx, qy = _on_screen(page, rows, fields, 7)
+    assert abs(qx - (px + (x7 - px) * s)) < 0.5 and abs(qy - (py + (y7 - py) * s)) < 0.5
+    assert drawn() < 28
+    px, py = round(qx), round(qy)
+    page.mouse.move(px + 3, py)
+    page.mouse.move(px, py)
+    assert page.inner_text("#tooltip").startswith(rows[7][fields.index("title")])
+    # a drag that starts on a painting moves the map and opens nothing
+    url = page.url
+    page.mouse.down()
+    page.mouse.move(px + 60, py + 40, steps=5)
+    page.mouse.up()
+    page.wait_for_timeout(200)
+    assert page.url == url
+    rx, ry = _on_screen(page, rows, fields, 7)
+    assert abs(rx - (qx + 60)) < 0.5 and abs(ry - (qy + 40)) < 0.5
+    assert v.errors == [] and v.left_the_machine() == []
+    page.close()
+
+
+def test_the_evaluation_page_shows_the_report_with_its_intervals_chance_and_figures(collection, browser):
+    root = collection["root"]
+    run_script("evaluate_unsupervised.py", "--data-dir", root, "--label-column", "attribution", "--skip-copies",
+               "--skip-pixels", "--skip-faces", "--no-progress")
+    build_site(root, _cfg())
+    v = Visit(browser, (root / "site" / "index.html").as_uri())
+    page = v.page
+    with page.expect_navigation():
+        page.click("header nav >> text=Evaluation")
+    assert page.url.endswith("/evaluation.html")
+    table = page.inner_text("pre.table")
+    assert "precision @1 / @5 / @10" in table and "1.000 / 0.600 / 0.300" in table
+    assert "95% interval (bootstrap)" in table and "chance (random ranking)" in table
+    assert page.locator("img.figure").count() == 2 and v.broken_images() == []
+    assert v.errors == [] and v.left_the_machine() == []
+    page.close()
