@@ -9,7 +9,8 @@ Measures, on the data dir's images (the demo: the 79 sample paintings, at most 2
     (equal sizes batched together, the pyramid capped at --max-size);
   * stage: extract_faces.py as a child process on a copy of the data dir (decode, detect, crop,
     embed with the collection's backbone, write), from nothing.
-Prints images/s and faces/s of each and the stage / detector ratio as one JSON line.
+Prints images/s and faces/s of each and the stage / detector ratio as one JSON line, stamped with
+the machine, and saves it as ``benchmarks/results/faces_n<images>.json``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def main() -> None:
@@ -65,10 +67,12 @@ def main() -> None:
         s = out[key]["seconds"]
         out[key].update(images_per_s=round(len(images) / s, 2), faces_per_s=round(out[key]["faces"] / s, 2))
     out["stage_over_detector"] = round(out["detector"]["seconds"] / out["stage"]["seconds"], 2)
-    out["cpu"] = subprocess.run("lscpu | grep 'Model name' | cut -d: -f2", shell=True, capture_output=True,
-                                text=True).stdout.strip()
-    out["date"] = time.strftime("%Y-%m-%d")
+    from machine_info import stamp
+
+    out.update(stamp())
     print(json.dumps(out))
+    dest = REPO / "benchmarks" / "results" / f"faces_n{len(images)}.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,45 @@ def test_damaged_faces_csv_values_are_one_line(tmp_path):
         path.write_text(",".join(FACES_COLUMNS) + "\n" + ",".join(bad + [""] * 10) + "\n")
         with pytest.raises(UserError, match="damaged.*line 2"):
             read_faces_csv(path)
+
+
+def _eye_angle(face) -> float:
+    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+
+
+def test_a_tilted_face_is_cropped_with_its_eyes_level(detector):
+    img = _sample_image(PORTRAITS[0])
+    img = img.resize((img.size[0] * 2, img.size[1] * 2), Image.BICUBIC)
+    (upright,) = detector.detect([img])[0]
+    tilted = img.rotate(20, resample=Image.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+    (face,) = detector.detect([tilted])[0]
+    assert abs(_eye_angle(face) - _eye_angle(upright) + 20) < 5  # the turn is seen in the landmarks
+    plain = detector.detect([crop_face(tilted, face, 0.3, align=False)])[0]
+    level = detector.detect([crop_face(tilted, face, 0.3, align=True)])[0]
+    assert len(plain) == 1 and len(level) == 1
+    assert abs(_eye_angle(plain[0])) > 12 and abs(_eye_angle(level[0])) < 4
+
+
+def test_an_unreadable_image_is_listed_in_faces_errors_csv_and_the_others_go_on(tmp_path, mobilenet_weights):
+    images = tmp_path / "images"
+    images.mkdir()
+    _sample_image(PORTRAITS[1]).save(images / "portrait.jpg")
+    Image.new("RGB", (150, 200), (205, 190, 160)).save(images / "blank.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 20)
+    (images / "empty.png").write_bytes(b"")
+    root = tmp_path / "data"
+    run_script("extract_features.py", "--data-dir", root, "--images-dir", images, "--backbone", "mobilenet_v2",
+               "--no-progress", "--device", "cpu")
+    proc = run_script("extract_faces.py", "--data-dir", root, "--images-dir", images, "--no-progress",
+                      "--device", "cpu")
+    assert "faces: 1 in 1 of 4 images" in proc.stdout and "2 unreadable" in proc.stdout
+    errors = list(csv.DictReader(open(root / "faces_errors.csv")))
+    assert sorted(Path(r["file"]).name for r in errors) == ["broken.jpg", "empty.png"]
+    assert all(r["error"] for r in errors)
+    assert list(read_faces_csv(root / "faces.csv")) == ["portrait.jpg"]
+    # fixed later, the image is looked at again on the next run
+    _sample_image(PORTRAITS[2]).save(images / "broken.jpg")
+    again = run_script("extract_faces.py", "--data-dir", root, "--images-dir", images, "--no-progress")
+    assert "(1 looked at now, 1 unreadable)" in again.stdout
+    assert sorted(read_faces_csv(root / "faces.csv")) == ["broken.jpg", "portrait.jpg"]

@@ -334,3 +334,33 @@ def test_every_config_field_has_its_flag_with_the_same_default_and_bad_values_st
         with pytest.raises(SystemExit) as stop:
             parser.parse_args(bad)
         assert stop.value.code == 2
+
+
+def test_painting_pages_show_each_persons_nearest_poses_in_other_paintings(tmp_path, mobilenet_weights):
+    import re
+
+    from paintsim.site import SiteConfig, build_site
+    from paintsim.site.links import check_site
+
+    imgs, data = tmp_path / "imgs", tmp_path / "data"
+    copy_sample_images(imgs, [0, 20, 40, 60, 70])
+    run_script("extract_features.py", "--data-dir", data, "--images-dir", imgs, "--backbone", "mobilenet_v2",
+               "--no-progress", "--device", "cpu")
+    run_script("extract_poses.py", "--data-dir", data, "--images-dir", imgs, *FAST, timeout=300)
+    emb = Embeddings.load(data, kind="poses")
+    summary = build_site(data, SiteConfig(k=3, progress=False, view_size=0, thumb_size=64, map_method="pca"))
+    assert summary.poses == len(emb) >= 2
+    site = data / "site"
+    for i in range(len(emb)):
+        image, person = str(emb.names[i]).rsplit("#", 1)
+        stem = Path(image).stem
+        page = (site / "paintings" / f"{stem}.html").read_text()
+        heading = f"Poses like person {int(person) + 1} of this painting"
+        assert heading in page
+        section = page.split(heading, 1)[1].split("</section>", 1)[0]
+        linked = re.findall(r'class="card" href="\.\./paintings/([^"]+)\.html"', section)
+        others = {emb.image_name(j) for j in range(len(emb))} - {image}
+        assert 1 <= len(linked) <= 3 and stem not in linked
+        assert set(linked) <= {Path(o).stem for o in others}
+    broken, _ = check_site(site)
+    assert broken == []
