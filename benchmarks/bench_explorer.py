@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The explorer's build time, site size and page load times, at the sample's size and at N = 20,000.
+"""The explorer's build time, site size and page load times, at the sample's size, N = 20,000 and NGA's size.
 
     python benchmarks/bench_explorer.py --data-dir data/demo --fresh    # an existing data dir (the demo)
     python benchmarks/bench_explorer.py --n 20000 --dir /tmp/paintsim-bench-site
+    python benchmarks/bench_explorer.py --n 122477 --dir /tmp/paintsim-bench-site   # about 15 min, 2.6 GB
 
 With ``--n``, a synthetic collection is written first: realistic anisotropic features (cosines
 around 0.5-0.8, from ``bench_map.build``), the real sample paintings hard-linked as its images
