@@ -230,16 +230,9 @@ def test_a_painting_page_shows_its_neighbours_and_their_links_open_their_pages(c
 
 
 def test_a_click_on_the_map_opens_that_paintings_page(collection, browser):
-    build_site(collection["root"], _cfg())
-    site = collection["root"] / "site"
-    v = Visit(browser, (site / "index.html").as_uri())
+    v, fields, rows = _open_index(collection, browser)
     page = v.page
-    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
-    fields, rows = data_rows(site)
-    x, y = rows[7][fields.index("x")], rows[7][fields.index("y")]
-    box = page.locator("#map").bounding_box()
-    base = min(box["width"], box["height"]) * 0.46
-    px, py = box["x"] + box["width"] / 2 + x * base, box["y"] + box["height"] / 2 - y * base
+    px, py = _on_screen(page, rows, fields, 7)
     page.mouse.move(px, py)
     assert not page.locator("#tooltip").is_hidden()
     with page.expect_navigation():
@@ -259,13 +252,19 @@ def _on_screen(page, rows, fields, i) -> tuple[float, float]:
             box["y"] + box["height"] / 2 - (y * base - view["y"]) * view["s"])
 
 
-def test_the_artist_filter_narrows_the_grid_and_hovering_the_map_names_title_and_artist(collection, browser):
+def _open_index(collection, browser):
+    """Build the site, open its collection page and wait until the map is drawn."""
     build_site(collection["root"], _cfg())
     site = collection["root"] / "site"
     fields, rows = data_rows(site)
     v = Visit(browser, (site / "index.html").as_uri())
+    v.page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
+    return v, fields, rows
+
+
+def test_the_artist_filter_narrows_the_grid_and_hovering_the_map_names_title_and_artist(collection, browser):
+    v, fields, rows = _open_index(collection, browser)
     page = v.page
-    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
     planted = sum(r[fields.index("artist")] == "Planted Artist 1" for r in rows)
     assert planted == 4
     page.fill("#artist", "planted artist 1")
@@ -283,12 +282,8 @@ def test_the_artist_filter_narrows_the_grid_and_hovering_the_map_names_title_and
 
 
 def test_the_map_zooms_about_the_cursor_and_a_drag_pans_it_without_opening_a_page(collection, browser):
-    build_site(collection["root"], _cfg())
-    site = collection["root"] / "site"
-    fields, rows = data_rows(site)
-    v = Visit(browser, (site / "index.html").as_uri())
+    v, fields, rows = _open_index(collection, browser)
     page = v.page
-    page.wait_for_function("() => Number(document.getElementById('map').dataset.drawn) > 0")
     drawn = lambda: int(page.evaluate("() => document.getElementById('map').dataset.drawn"))  # noqa: E731
     assert drawn() == 28
     x7, y7 = _on_screen(page, rows, fields, 7)
